@@ -1,0 +1,411 @@
+"""Qwen2 in one file: config, architecture, Hugging Face checkpoints, tokenizer and ChatML.
+
+Architecture (Qwen2 / Qwen2.5, as in transformers' `Qwen2ForCausalLM`):
+    embed_tokens -> L x [x + attn(rmsnorm(x)); x + mlp(rmsnorm(x))] -> rmsnorm -> lm_head
+    attention: grouped-query (num_key_value_heads <= num_attention_heads), q/k/v projections with bias, o without,
+    rotary embeddings (rotate-half layout) on q and k; MLP: down(silu(gate(x)) * up(x)), no bias.
+Module names mirror the Hugging Face tensor names (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`), so a
+checkpoint's state dict loads with no renaming table.
+
+Three ways to call the model (all share one code path):
+    model(input_ids)                                   training / full recompute: causal attention over the row
+    model(ids, cache=kv, slots=s, seq_lens=n)          prefill (T > 1): rows start at position 0, right-padded to T,
+                                                       row b has n[b] real tokens; K/V are written to cache slots s
+    model(ids[:, None], positions=p, cache=kv, slots=s) decode (T == 1): one new token per row at position p[b],
+                                                       attending to the p[b] cached tokens of slot s[b] and itself
+The KV cache is a plain `KVCache` (two tensors); the sampler owns its slots. Attention goes through `kernels/`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import decode_attention, prefill_attention
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class ModelConfig:
+    """The Qwen2 hyper-parameters we use, read from a Hugging Face `config.json`."""
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    extra: dict = field(default_factory=dict, repr=False)  # other config.json keys, written back unchanged on save
+
+    REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing required key(s) {missing}")
+        d = dict(d)
+        # transformers >= 5 writes rope_theta inside "rope_parameters"; released Qwen2.5 configs have it at top level.
+        rope = d.get("rope_parameters") or {}
+        if "rope_theta" not in d and "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
+            raise ValueError(f"{source}: rope scaling {rope or d.get('rope_scaling')} is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (Qwen2 uses silu)")
+        if d["hidden_size"] % d["num_attention_heads"] or d["num_attention_heads"] % d["num_key_value_heads"]:
+            raise ValueError(f"{source}: hidden_size, num_attention_heads, num_key_value_heads do not divide")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names and v is not None}
+        extra = {k: v for k, v in d.items() if k not in names and k != "rope_parameters"}
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_json(cls, path: str) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f), source=path)
+
+    def to_dict(self) -> dict:
+        d = {**self.extra, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+             "use_sliding_window": False}
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Architecture
+
+@dataclass
+class KVCache:
+    """K/V of every layer for S sequence slots of up to Tmax tokens: k, v are (L, S, Tmax, Hkv, D)."""
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, slots: int, max_len: int, device, dtype) -> "KVCache":
+        shape = (config.num_hidden_layers, slots, max_len, config.num_key_value_heads, config.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, cast back before the weight: the same rounding as transformers' Qwen2RMSNorm
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
+    """positions (B, T) -> cos, sin (B, T, 1, head_dim) in `dtype`, computed in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq      # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, D): rotate-half layout
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, H, D): rotate the two halves of the head dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer  # index into the KV cache
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, slots=None, positions=None, seq_lens=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            # training / full recompute: SDPA picks flash or memory-efficient kernels on GPU and has a backward
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=self.n_heads != self.n_kv)
+            o = o.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
+        elif T > 1:
+            # prefill from position 0: attend within the new tokens, then store them (padded tail included: those
+            # entries lie beyond the row's length and are overwritten by decoded tokens before anything reads them)
+            o = prefill_attention(q, k, v, seq_lens)
+            cache.k[self.layer, slots, :T] = k
+            cache.v[self.layer, slots, :T] = v
+        else:
+            pos = positions[:, 0]
+            cache.k[self.layer, slots, pos] = k[:, 0]
+            cache.v[self.layer, slots, pos] = v[:, 0]
+            o = decode_attention(q[:, 0], cache.k[self.layer], cache.v[self.layer], slots, pos + 1)[:, None]
+        return self.o_proj(o.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, **cache_args):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, **cache_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The `model.` prefix of Hugging Face names: embeddings, blocks, final norm."""
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, std: float = 0.02):
+        """Random init for training from scratch (normal(0, std) matrices, zero biases, unit norms)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        return self
+
+    def hidden(self, input_ids, positions=None, cache=None, slots=None, seq_lens=None):
+        """input_ids (B, T) -> final normed hidden states (B, T, hidden). See the module docstring for the cache."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if cache is not None and T > 1 and seq_lens is None:
+            seq_lens = torch.full((B,), T, device=input_ids.device, dtype=torch.int32)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, cache=cache, slots=slots, positions=positions, seq_lens=seq_lens)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, **kwargs):
+        """input_ids (B, T) -> logits (B, T, vocab)."""
+        return self.lm_head(self.hidden(input_ids, **kwargs))
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path: str, device="cpu", dtype=torch.bfloat16) -> "Transformer":
+        """Load a Qwen2 checkpoint from a local folder or a hub id, straight into `device` and `dtype`.
+
+        The model is built on the meta device, every tensor is read, checked and cast first, and only a complete,
+        consistent set is assigned: an error (missing / unexpected / mis-shaped tensor, unreadable file) names the
+        problem and returns nothing half-loaded. Peak memory is one copy of the weights.
+        """
+        folder = resolve_model_dir(path)
+        config = ModelConfig.from_json(os.path.join(folder, "config.json"))
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        tensors = {}
+        for file, names in _weight_files(folder).items():
+            tensors.update(_read_safetensors(file, names, expected, device, dtype))
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ValueError(f"{folder}: checkpoint is missing {len(missing)} tensor(s): {missing[:8]}")
+        model.load_state_dict(tensors, strict=False, assign=True)
+        model.tie_weights()  # assign=True replaced the embedding Parameter: point lm_head at the loaded one
+        return model.to(device)
+
+    def save_pretrained(self, out_dir: str, tokenizer_dir: str | None = None, max_shard_bytes: int = 4 << 30):
+        save_pretrained(self.state_dict(), self.config, out_dir, tokenizer_dir, max_shard_bytes)
+
+
+HF_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+            "tokenizer.json", "tokenizer_config.json"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+
+
+def resolve_model_dir(path: str) -> str:
+    """A local folder as is; anything else is a hub id, downloaded (config, safetensors and tokenizer files only)."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/")):
+        raise FileNotFoundError(f"{path}: not a model folder")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path, allow_patterns=HF_FILES)
+
+
+def _weight_files(folder: str) -> dict[str, list[str] | None]:
+    """{safetensors file: tensor names it should hold (None = whatever it holds)}."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(os.path.join(folder, file), []).append(name)
+        return files
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(single):
+        return {single: None}
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def _read_safetensors(file, names, expected, device, dtype) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: listed in the index but missing")
+    out = {}
+    try:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in names if names is not None else f.keys():
+                if name not in expected:
+                    if name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq"):
+                        continue  # tied copy of the embedding / an old non-persistent buffer: nothing to load
+                    raise ValueError(f"{file}: unexpected tensor {name!r}")
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(expected[name].shape):
+                    raise ValueError(f"{file}: tensor {name!r} has shape {shape}, "
+                                     f"the config needs {tuple(expected[name].shape)}")
+                out[name] = f.get_tensor(name).to(dtype)
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{file}: cannot read ({type(e).__name__}: {e}); truncated or corrupt?") from e
+    return out
+
+
+def save_pretrained(state_dict: dict, config: ModelConfig, out_dir: str, tokenizer_dir: str | None = None,
+                    max_shard_bytes: int = 4 << 30):
+    """Write a Hugging Face Qwen2 checkpoint: config.json, model.safetensors (or shards + index), tokenizer files.
+
+    Written into `<out_dir>.tmp` and renamed into place, so an interrupted save never leaves a broken `out_dir`.
+    A tied lm_head is not written (transformers re-ties it from `tie_word_embeddings`).
+    """
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()
+               if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    out_dir = os.path.abspath(out_dir)
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump({**config.to_dict(), "torch_dtype": dtype}, f, indent=2)
+    if len(shards) == 1:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: tensors[n] for n in names}, os.path.join(tmp, file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    for name in TOKENIZER_FILES if tokenizer_dir else []:
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+    old = out_dir + ".old"
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer and chat format (ChatML, exactly as Qwen2.5-Instruct's chat template renders it)
+
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def load_tokenizer(folder: str):
+    """The `tokenizers.Tokenizer` of a model folder (or hub id)."""
+    from tokenizers import Tokenizer
+    path = os.path.join(resolve_model_dir(folder), "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no tokenizer.json in the model folder")
+    return Tokenizer.from_file(path)
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """messages [{"role", "content"}] -> ChatML text. Without a leading system turn, Qwen2.5's default system prompt
+    is inserted (as its template does); `add_generation_prompt` appends the opening of the assistant turn."""
+    if not messages or messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": QWEN_DEFAULT_SYSTEM}, *messages]
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    return tokenizer.encode(render_chat(messages, add_generation_prompt), add_special_tokens=False).ids
+
+
+def stop_token_ids(tokenizer, folder: str | None = None) -> list[int]:
+    """Ids that end an assistant turn: `<|im_end|>` and `<|endoftext|>`, plus generation_config's eos ids."""
+    ids = [tokenizer.token_to_id(t) for t in STOP_TOKENS]
+    gen = os.path.join(folder, "generation_config.json") if folder else ""
+    if gen and os.path.exists(gen):
+        with open(gen) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos]
+    return sorted({i for i in ids if i is not None})
