@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from kernels import decode_attention, prefill_attention
 
@@ -203,6 +204,7 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.grad_checkpointing = False  # activation checkpointing per block (train_*.py --grad-checkpointing)
         self.tie_weights()
 
     def tie_weights(self):
@@ -230,12 +232,20 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.model.layers:
-            x = block(x, cos, sin, cache=cache, slots=slots, positions=positions, seq_lens=seq_lens)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # recompute the block in backward instead of storing its activations (training only, no cache)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache=cache, slots=slots, positions=positions, seq_lens=seq_lens)
         return self.model.norm(x)
 
-    def forward(self, input_ids, **kwargs):
-        """input_ids (B, T) -> logits (B, T, vocab)."""
-        return self.lm_head(self.hidden(input_ids, **kwargs))
+    def forward(self, input_ids, logits_at=None, **kwargs):
+        """input_ids (B, T) -> logits (B, T, vocab); with `logits_at` (a (B, T) bool mask or an index tuple) only the
+        selected positions go through lm_head -> (K, vocab): a 152k vocabulary is then paid only where it is used
+        (answer tokens in training, the last prompt token in prefill). Keep this the entry point under FSDP2: its
+        hooks unshard the root's parameters (embeddings, final norm, lm_head) around `forward` only."""
+        h = self.hidden(input_ids, **kwargs)
+        return self.lm_head(h if logits_at is None else h[logits_at])
 
     # ------------------------------------------------------------------------------------------------------------------
     # Hugging Face checkpoints
