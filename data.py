@@ -1,0 +1,575 @@
+"""CellPuzzles data: load the released rows, build new puzzles from a labelled expression matrix, teacher traces,
+and the small tokenizer of the CPU model. Reference: /work/shared/reference/cell-o1.md, section 1.
+
+A puzzle (released format, HF `ncbi/CellPuzzles`, splits train / test / reasoning) is a row of three strings:
+  system_msg     the fixed instruction SYSTEM_MSG (the "N" in it is literally the letter N);
+  user_msg       "Context: {context}\\n\\nCell 1: g1, g2, ...\\n...\\nCell N: ...\\n\\n"
+                 "Match the cells above to one of the following cell types:\\n{type}\\n{type}..." where the context
+                 ends with a space, each cell lists its top 50 genes by descending expression and the candidates
+                 are the N gold types in Python `sorted()` (case-sensitive) order;
+  assistant_msg  the gold types in cell order joined by " | " (train, test), or a full
+                 "<think>...</think>\\n<answer>t1 | ... | tN</answer>" trace (reasoning).
+The N cells come from one donor and have N distinct types, one cell each, so the answer is a permutation of the
+candidates. Released N is 8-15.
+
+Where our builder differs from the released pipeline (data/match_qa.py), on purpose:
+  - cells are split into train and test *before* any puzzle is built (stratified by type, every type has test
+    cells), so no test cell is in a train puzzle. The released split is by puzzle: only 604 of the 1,095 released
+    test puzzles share no cell with train;
+  - sampling is seeded with a numpy Generator over sorted type lists: same seed -> byte-identical puzzles. The
+    released match_qa.py sampled types from a Python `set`, whose order changes between runs;
+  - a context with no sex / age / ethnicity reads "The cell is from the {tissue}." instead of the released,
+    malformed "The cell is from, originating from the {tissue}.";
+  - only expressed genes (value > 0) are listed; ties in expression keep the matrix's column order (stable sort).
+    The released code used argpartition, whose tie order is unspecified, and could list zero-valued genes;
+  - for the small CPU model the defaults are shorter (CPU below: 20 genes, N 3-8) and train cells are re-drawn by
+    binomial down-sampling of their UMI counts every time a train puzzle is built (augment): a new, faithful top-gene
+    list of the same cell. Test cells are never augmented. RELEASED holds the released settings (50 genes, N 8-15).
+
+Teacher traces (SFT data where there is no reasoning split): a marker model fitted on train cells only (log-odds
+of a gene being in a type's top-gene lists vs the other types'), one-to-one assignment by the Hungarian algorithm,
+and a short trace in the paper's spirit (marker genes per cell, the constraint settling conflicts). As in the
+paper, a trace is kept only when its answer is fully correct (rejection sampling).
+"""
+import argparse
+import glob
+import itertools
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PBMC_PATH = os.path.join(ROOT, "assets", "pbmc68k_reduced.npz")
+TOKENIZER_PATH = os.path.join(ROOT, "assets", "tokenizer.json")
+SPLITS = ("train", "test", "reasoning")
+FIELDS = ("system_msg", "user_msg", "assistant_msg")
+
+SYSTEM_MSG = (
+    "You are an expert assistant specialized in cell type annotation. You will be given a batch of N cells from the "
+    "same donor, where each cell represents a unique cell type. For each cell, the top expressed genes are provided "
+    "in descending order of expression. Using both the gene expression data and donor information, determine the "
+    "correct cell type for each cell. You will also receive a list of N candidate cell types, and each candidate "
+    "must be assigned to exactly one cell. Ensure that you consider all cells and candidate types together, rather "
+    "than annotating each cell individually. Include your detailed reasoning within <think> and </think> tags, and "
+    "provide your final answer within <answer> and </answer> tags. The final answer should be a single string "
+    "listing the assigned cell types in order, separated by ' | '.")
+MATCH_LINE = "Match the cells above to one of the following cell types:"
+
+
+# ----------------------------------------------------------------------------- puzzles
+
+@dataclass
+class Puzzle:
+    system: str
+    user: str
+    assistant: str            # assistant_msg as stored: the gold answer, or a full trace
+    context: str              # with its trailing space
+    cells: list[list[str]]    # top genes of cell i, descending expression
+    candidates: list[str]     # sorted()
+    gold: list[str]           # type of cell i
+    cell_ids: list[int] | None = None  # rows of the source matrix (built puzzles only; not written out)
+
+    @property
+    def n(self) -> int:
+        return len(self.cells)
+
+    @property
+    def answer(self) -> str:
+        return " | ".join(self.gold)
+
+    def row(self) -> dict:
+        return {"system_msg": self.system, "user_msg": self.user, "assistant_msg": self.assistant}
+
+
+def render_user(context: str, cells: list[list[str]], candidates: list[str]) -> str:
+    lines = "\n".join(f"Cell {i}: {', '.join(genes)}" for i, genes in enumerate(cells, 1))
+    return f"Context: {context}\n\n{lines}\n\n{MATCH_LINE}\n" + "\n".join(candidates)
+
+
+def make_puzzle(context: str, cells: list[list[str]], types: list[str], cell_ids=None) -> Puzzle:
+    """A released-format puzzle: cell i has gold type types[i]; candidates are sorted() (case-sensitive)."""
+    cands = sorted(types)
+    return Puzzle(SYSTEM_MSG, render_user(context, cells, cands), " | ".join(types), context, cells, cands,
+                  list(types), cell_ids)
+
+
+def split_items(text: str) -> list[str]:
+    return [t for t in map(str.strip, text.split("|")) if t]
+
+
+def parse_user(user: str) -> tuple[str, list[list[str]], list[str]]:
+    """user_msg -> (context, cell gene lists, candidates); ValueError naming what is malformed."""
+    head, sep, tail = user.partition(f"\n\n{MATCH_LINE}\n")
+    if not sep:
+        raise ValueError(f"no '{MATCH_LINE}' line")
+    i = head.find("Cell 1: ")
+    if i < 0:
+        raise ValueError("no 'Cell 1: ' line")
+    context = head[:i].removesuffix("\n\n")
+    if context and not context.startswith("Context: "):
+        raise ValueError("text before the cells does not start with 'Context: '")
+    cells = []
+    for k, line in enumerate(head[i:].split("\n"), 1):
+        prefix = f"Cell {k}: "
+        if not line.startswith(prefix):
+            raise ValueError(f"line {line[:30]!r} should start with {prefix!r}")
+        cells.append(line[len(prefix):].split(", "))
+    cands = tail.rstrip("\n").split("\n")
+    if any(not c.strip() for c in cands):
+        raise ValueError("empty candidate line")
+    return context.removeprefix("Context: "), cells, cands
+
+
+def parse_row(row: dict, split: str = "test") -> Puzzle:
+    """One released row -> Puzzle, validated. For the reasoning split (or any trace) the gold answer is the text
+    inside <answer>...</answer>. Raises ValueError describing the problem (the caller adds file and row)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"row is a {type(row).__name__}, not an object")
+    for f in FIELDS:
+        if not isinstance(row.get(f), str):
+            raise ValueError(f"missing or non-string field {f!r}")
+    text = row["assistant_msg"]
+    if split == "reasoning" or "<think>" in text:
+        m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
+        if not m:
+            raise ValueError("trace without <answer>...</answer>")
+        text = m.group(1)
+    gold = split_items(text)
+    if not gold:
+        raise ValueError("empty answer")
+    context, cells, cands = parse_user(row["user_msg"])
+    if not (len(cells) == len(cands) == len(gold)):
+        raise ValueError(f"{len(cells)} cells, {len(cands)} candidates, {len(gold)} answer items (must be equal)")
+    if len(set(cands)) != len(cands):
+        raise ValueError(f"duplicate candidates: {sorted(c for c in set(cands) if cands.count(c) > 1)}")
+    missing = [g for g in gold if g not in cands]
+    if missing:
+        raise ValueError(f"gold types not among the candidates: {missing}")
+    return Puzzle(row["system_msg"], row["user_msg"], row["assistant_msg"], context, cells, cands, gold)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of one .json (a list of rows), .jsonl or .parquet file."""
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs pyarrow, which is not installed: pip install pyarrow") from e
+        return pq.read_table(path).to_pylist()
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            rows = []
+            for k, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path} line {k}: not JSON ({e})") from e
+            return rows
+        rows = json.load(f)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of rows, got a {type(rows).__name__}")
+    return rows
+
+
+def split_files(folder: str, split: str) -> list[str]:
+    """Files of `split` under folder, at any depth: {split}.ext or {split}-*.ext
+    (the HF layout is data/train-00000-of-00001.parquet)."""
+    found = {}
+    for ext in ("parquet", "jsonl", "json"):
+        files = [f for pat in (f"{split}.{ext}", f"{split}-*.{ext}")
+                 for f in glob.glob(os.path.join(folder, "**", pat), recursive=True)]
+        if files:
+            found[ext] = sorted(set(files))
+    if len(found) > 1:
+        raise ValueError(f"{folder}: split {split!r} is stored in several formats {sorted(found)}; keep one")
+    if not found:
+        raise FileNotFoundError(f"{folder}: no file for split {split!r} ({split}.json/.jsonl/.parquet or {split}-*)")
+    return next(iter(found.values()))
+
+
+def load_puzzles(source: str = "ncbi/CellPuzzles", split: str = "test",
+                 skip_bad: bool = False) -> tuple[list[Puzzle], int]:
+    """Puzzles of one split from a file, a folder of split files, or a hub dataset id (default ncbi/CellPuzzles).
+    A malformed row raises ValueError naming file and row index; with skip_bad it is skipped and counted.
+    Returns (puzzles, number skipped)."""
+    if os.path.isfile(source):
+        files = [source]
+    else:
+        if not os.path.isdir(source):
+            if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or source.endswith((".json", ".jsonl", ".parquet")):
+                raise FileNotFoundError(f"{source}: no such file or folder (and not a hub id like ncbi/CellPuzzles)")
+            from huggingface_hub import snapshot_download
+            source = snapshot_download(repo_id=source, repo_type="dataset",
+                                       allow_patterns=[f"*{split}.*", f"*{split}-*"])
+        files = split_files(source, split)
+    puzzles, skipped = [], 0
+    for path in files:
+        for k, row in enumerate(read_rows(path)):
+            try:
+                puzzles.append(parse_row(row, split))
+            except ValueError as e:
+                if not skip_bad:
+                    raise ValueError(f"{path} row {k}: {e}") from None
+                skipped += 1
+    if skipped:
+        print(f"load_puzzles: skipped {skipped} malformed rows of {source} [{split}]")
+    return puzzles, skipped
+
+
+def write_jsonl(puzzles: list[Puzzle], path: str) -> None:
+    """Released fields only, so load_puzzles reads ours and theirs alike. Stable bytes: sorted keys, UTF-8."""
+    with open(path, "w", encoding="utf-8") as f:
+        for p in puzzles:
+            f.write(json.dumps(p.row(), ensure_ascii=False, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------- building puzzles from a matrix
+
+@dataclass
+class CellData:
+    """A labelled expression matrix: values[c, g] of cell c, gene g (UMI counts when `counts`)."""
+    values: np.ndarray
+    genes: np.ndarray         # str, one per column
+    labels: np.ndarray        # str, cell type per row
+    donors: np.ndarray        # str, donor per row; a puzzle never mixes donors
+    contexts: np.ndarray      # str, context sentence per row (donor information, trailing space)
+    counts: bool = False      # integer counts: required for augmentation by down-sampling
+
+
+@dataclass(frozen=True)
+class PuzzleConfig:
+    n_genes: int = 20                           # genes listed per cell (released: 50)
+    n_range: tuple[int, int] = (3, 8)           # N drawn uniformly in [lo, hi] (released: 8-15)
+    augment: bool = True                        # down-sample train cells afresh for every train puzzle
+    p_range: tuple[float, float] = (0.3, 0.8)   # kept fraction of UMIs, uniform per draw
+    test_frac: float = 0.3                      # cells held out per type
+    split_seed: int = 0
+
+
+CPU = PuzzleConfig()
+RELEASED = PuzzleConfig(n_genes=50, n_range=(8, 15), augment=False)
+
+
+def context_sentence(tissue=None, disease=None, sex=None, development_stage=None, ethnicity=None, extra=()) -> str:
+    """Donor context in the released pattern (data/build_context.py), ending with a space. One fix: without sex,
+    age and ethnicity the released text was malformed ("The cell is from, originating from the lung.")."""
+    who = "".join([f" a {sex}" if sex else "", f" at the {development_stage}" if development_stage else "",
+                   f" with {ethnicity} background" if ethnicity else ""])
+    s = "The cell is from" + who
+    if tissue:
+        s += (", originating from the " if who else " the ") + tissue
+    if disease == "normal":
+        s += ". The patient is healthy with no diagnosed disease."
+    elif disease:
+        s += f". The patient has been diagnosed with {disease}."
+    else:
+        s += "."
+    return " ".join([s, *extra]) + " "
+
+
+# The pbmc68k donor: 10x "Fresh 68k PBMCs (Donor A)", a healthy donor; sex and age are not given.
+PBMC_CONTEXT = context_sentence(tissue="peripheral blood", disease="normal")
+
+
+def load_pbmc(path: str = PBMC_PATH) -> CellData:
+    """The embedded default: 700 PBMCs of one donor, 765 genes, 10 types (see assets/README.md)."""
+    z = np.load(path)
+    n = len(z["labels"])
+    return CellData(z["counts"].astype(np.int64), z["genes"], z["labels"], np.full(n, str(z["donor"])),
+                    np.full(n, PBMC_CONTEXT), counts=True)
+
+
+def top_genes(values: np.ndarray, genes: np.ndarray, k: int) -> list[str]:
+    """The k highest-valued genes of one cell, descending; ties keep column order; zeros are never listed."""
+    order = np.argsort(-values, kind="stable")
+    return [str(genes[g]) for g in order[:k] if values[g] > 0]
+
+
+def downsample(counts: np.ndarray, rng: np.random.Generator, p_range=(0.3, 0.8)) -> np.ndarray:
+    """Binomial thinning: each UMI kept with probability p ~ U(p_range), i.e. the same cell sequenced less deeply."""
+    return rng.binomial(counts, rng.uniform(*p_range))
+
+
+@dataclass
+class CellSplit:
+    data: CellData
+    train: np.ndarray         # row indices
+    test: np.ndarray
+
+
+def split_cells(data: CellData, test_frac: float = 0.3, seed: int = 0, min_test: int = 2) -> CellSplit:
+    """Split cells (not puzzles) per type: round(test_frac * n) test cells, at least min_test, and at least one
+    train cell, so every type appears on both sides and no cell is on both."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for t in sorted(set(data.labels.tolist())):
+        idx = rng.permutation(np.flatnonzero(data.labels == t))
+        if len(idx) < min_test + 1:
+            raise ValueError(f"type {t!r} has {len(idx)} cells; need {min_test + 1} for a train/test split")
+        k = min(max(min_test, round(test_frac * len(idx))), len(idx) - 1)
+        test += idx[:k].tolist()
+        train += idx[k:].tolist()
+    return CellSplit(data, np.array(sorted(train)), np.array(sorted(test)))
+
+
+class PuzzleSampler:
+    """Draws puzzles from a pool of cells: a donor with >= N types in the pool, N of its types, one cell of each.
+    Cell order = the order the types were drawn. Every choice goes through the given numpy Generator."""
+
+    def __init__(self, data: CellData, pool: np.ndarray, n_genes: int, augment: bool = False, p_range=(0.3, 0.8)):
+        if augment and not data.counts:
+            raise ValueError("augment needs integer counts (CellData.counts)")
+        self.data, self.n_genes, self.augment, self.p_range = data, n_genes, augment, p_range
+        self.groups: dict[str, dict[str, list[int]]] = {}   # donor -> type -> cells
+        for c in np.sort(pool):
+            self.groups.setdefault(str(data.donors[c]), {}).setdefault(str(data.labels[c]), []).append(c)
+        self.donors = sorted(self.groups)
+        self.cache = {} if augment else {int(c): top_genes(data.values[c], data.genes, n_genes) for c in pool}
+
+    def max_n(self) -> int:
+        return max(len(g) for g in self.groups.values())
+
+    def genes_of(self, c: int, rng: np.random.Generator) -> list[str]:
+        if not self.augment:
+            return self.cache[c]
+        genes = top_genes(downsample(self.data.values[c], rng, self.p_range), self.data.genes, self.n_genes)
+        return genes or top_genes(self.data.values[c], self.data.genes, self.n_genes)
+
+    def sample(self, n: int, rng: np.random.Generator) -> Puzzle:
+        donors = [d for d in self.donors if len(self.groups[d]) >= n]
+        if not donors:
+            raise ValueError(f"no donor has {n} cell types in this pool (max {self.max_n()})")
+        group = self.groups[donors[rng.integers(len(donors))]]
+        types = sorted(group)
+        types = [types[i] for i in rng.choice(len(types), size=n, replace=False)]
+        ids = [int(group[t][rng.integers(len(group[t]))]) for t in types]
+        return make_puzzle(str(self.data.contexts[ids[0]]), [self.genes_of(c, rng) for c in ids], types, ids)
+
+
+def test_puzzles(split: CellSplit, cfg: PuzzleConfig = CPU, per_n: int = 50, seed: int = 0) -> list[Puzzle]:
+    """A fixed held-out set: per_n puzzles for every N in cfg.n_range, test cells only, never augmented."""
+    sampler = PuzzleSampler(split.data, split.test, cfg.n_genes)
+    rng = np.random.default_rng(seed)
+    lo, hi = cfg.n_range
+    return [sampler.sample(n, rng) for n in range(lo, min(hi, sampler.max_n()) + 1) for _ in range(per_n)]
+
+
+def train_stream(split: CellSplit, cfg: PuzzleConfig = CPU, seed: int = 0, teacher=None) -> Iterator[Puzzle]:
+    """Endless train puzzles (train cells only), N uniform in cfg.n_range, augmented afresh when cfg.augment.
+    With a teacher, assistant is an accepted trace and puzzles whose trace is rejected are skipped."""
+    sampler = PuzzleSampler(split.data, split.train, cfg.n_genes, cfg.augment, cfg.p_range)
+    rng = np.random.default_rng(seed)
+    lo, hi = cfg.n_range[0], min(cfg.n_range[1], sampler.max_n())
+    while True:
+        p = sampler.sample(int(rng.integers(lo, hi + 1)), rng)
+        if teacher is not None:
+            trace = teacher.accepted_trace(p)
+            if trace is None:
+                continue
+            p.assistant = trace
+        yield p
+
+
+def embedded(cfg: PuzzleConfig = CPU) -> CellSplit:
+    """The default data: embedded PBMCs split by cell."""
+    return split_cells(load_pbmc(), cfg.test_frac, cfg.split_seed)
+
+
+def export(split: CellSplit, out_dir: str, cfg: PuzzleConfig = CPU, n_train: int = 5000, per_n: int = 50,
+           seed: int = 0) -> dict[str, int]:
+    """Write a released-layout folder: train.jsonl (gold answers), reasoning.jsonl (accepted teacher traces on
+    train puzzles, none of them the same draw as a train.jsonl row) and test.jsonl. Returns row counts."""
+    os.makedirs(out_dir, exist_ok=True)
+    teacher = fit_embedded_teacher(split, cfg, seed=seed)
+    rows = {"train": list(itertools.islice(train_stream(split, cfg, seed), n_train)),
+            "reasoning": list(itertools.islice(train_stream(split, cfg, seed + 1, teacher), n_train)),
+            "test": test_puzzles(split, cfg, per_n, seed)}
+    for name, puzzles in rows.items():
+        write_jsonl(puzzles, os.path.join(out_dir, f"{name}.jsonl"))
+    return {k: len(v) for k, v in rows.items()}
+
+
+# ----------------------------------------------------------------------------- teacher
+
+def hungarian(score: np.ndarray) -> np.ndarray:
+    """Maximum-score one-to-one assignment of a square matrix: returns col[i] for row i. The O(n^3) shortest
+    augmenting path method with potentials (Kuhn-Munkres, as in e-maxx), 1-based internally, column 0 a sentinel."""
+    cost = -np.asarray(score, dtype=np.float64)
+    n = cost.shape[0]
+    u, v = np.zeros(n + 1), np.zeros(n + 1)
+    match = np.zeros(n + 1, dtype=np.int64)      # match[j] = row (1-based) on column j, 0 = free
+    way = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        match[0], j0 = i, 0
+        minv, used = np.full(n + 1, np.inf), np.zeros(n + 1, dtype=bool)
+        while True:                               # grow a shortest-path tree until it reaches a free column
+            used[j0] = True
+            i0 = match[j0]
+            red = cost[i0 - 1] - u[i0] - v[1:]    # reduced costs from row i0 to columns 1..n
+            better = ~used[1:] & (red < minv[1:])
+            minv[1:][better], way[1:][better] = red[better], j0
+            j1 = int(np.argmin(np.where(used[1:], np.inf, minv[1:]))) + 1
+            delta = minv[j1]
+            u[match[used]] += delta
+            v[used] -= delta
+            minv[~used] -= delta
+            j0 = j1
+            if match[j0] == 0:
+                break
+        while j0:                                 # flip the augmenting path
+            match[j0] = match[way[j0]]
+            j0 = way[j0]
+    col = np.empty(n, dtype=np.int64)
+    col[match[1:] - 1] = np.arange(n)
+    return col
+
+
+def render_completion(think: str, types: list[str]) -> str:
+    return f"<think>{think}</think>\n<answer>{' | '.join(types)}</answer>"
+
+
+@dataclass
+class Teacher:
+    """Marker model: weight[t, g] = log-odds of gene g being listed for a cell of type t vs a cell of another type.
+    A cell's score for t = sum of weight[t, g] over its listed genes; types it never saw score 0."""
+    types: list[str]
+    vocab: dict[str, int]
+    weight: np.ndarray        # types x genes
+
+    def scores(self, p: Puzzle) -> np.ndarray:
+        """cells x candidates."""
+        s = np.zeros((p.n, len(p.candidates)))
+        t_idx = [self.types.index(t) if t in self.types else -1 for t in p.candidates]
+        for i, genes in enumerate(p.cells):
+            g = [self.vocab[x] for x in genes if x in self.vocab]
+            for j, t in enumerate(t_idx):
+                if t >= 0:
+                    s[i, j] = self.weight[t, g].sum()
+        return s
+
+    def argmax(self, p: Puzzle) -> list[str]:
+        """Per-cell best candidate, no uniqueness (a baseline)."""
+        return [p.candidates[j] for j in self.scores(p).argmax(1)]
+
+    def solve(self, p: Puzzle) -> list[str]:
+        return [p.candidates[j] for j in hungarian(self.scores(p))]
+
+    def markers(self, genes: list[str], t: str, k: int = 2) -> list[str]:
+        """The k listed genes that point most to type t (ties: higher in the list first)."""
+        if t not in self.types:
+            return genes[:k]
+        w = [self.weight[self.types.index(t), self.vocab[g]] if g in self.vocab else -math.inf for g in genes]
+        return [genes[i] for i in sorted(range(len(genes)), key=lambda i: -w[i])[:k]]
+
+    def trace(self, p: Puzzle) -> tuple[str, list[str]]:
+        """(completion, its types in cell order). Cells are resolved most confident first. A cell whose best type
+        went to another cell waits until that cell is placed, then its line says so (the Hungarian optimum makes
+        these waits acyclic). Each line names 2 markers, the type, and the candidates still free."""
+        s = self.scores(p)
+        col = hungarian(s)
+        best = s.argmax(1)
+        owner = {int(j): i for i, j in enumerate(col)}
+        second = np.array([np.max(np.delete(s[i], col[i])) if p.n > 1 else 0.0 for i in range(p.n)])
+        margin = s[np.arange(p.n), col] - second
+        free, done, lines = list(p.candidates), set(), []
+        sep = "; " if any("," in c for c in free) else ", "   # released names can hold commas
+        while len(done) < p.n:
+            ready = [i for i in range(p.n) if i not in done and (best[i] == col[i] or owner[int(best[i])] in done)]
+            pool = ready or [i for i in range(p.n) if i not in done]   # fallback for exact ties only
+            i = max(pool, key=lambda i: (margin[i], -i))
+            t = p.candidates[col[i]]
+            line = f"Cell {i + 1}: "
+            if best[i] != col[i] and owner[int(best[i])] in done:
+                a = p.candidates[best[i]]
+                line += f"{', '.join(self.markers(p.cells[i], a))} -> {a}, taken by cell {owner[int(best[i])] + 1}; "
+            line += f"{', '.join(self.markers(p.cells[i], t))} -> {t}."
+            free.remove(t)
+            done.add(i)
+            if free:
+                line += f" Left: {sep.join(free)}"
+            lines.append(line)
+        types = [p.candidates[j] for j in col]
+        return render_completion("\n".join(lines), types), types
+
+    def accepted_trace(self, p: Puzzle) -> str | None:
+        """The trace if its answer is fully correct (the paper's rejection rule), else None."""
+        completion, types = self.trace(p)
+        return completion if types == p.gold else None
+
+
+def fit_teacher(cells: list[list[str]], labels: list[str], alpha: float = 0.25) -> Teacher:
+    """Fit on top-gene lists of train cells: rate[t, g] = (lists of type t holding g + alpha) / (n_t + 2 alpha),
+    the same for the other types; weight = logit(rate_t) - logit(rate_others). Cells are weighted so every type
+    counts the same in "other types" (types are very unbalanced: 8 to 240 cells in pbmc68k)."""
+    types = sorted(set(labels))
+    vocab = {g: k for k, g in enumerate(sorted({g for genes in cells for g in genes}))}
+    hits = np.zeros((len(types), len(vocab)))
+    n = np.zeros(len(types))
+    for genes, t in zip(cells, labels):
+        ti = types.index(t)
+        hits[ti, [vocab[g] for g in set(genes)]] += 1
+        n[ti] += 1
+    rate = (hits + alpha) / (n[:, None] + 2 * alpha)
+    other = (rate.sum(0, keepdims=True) - rate) / max(len(types) - 1, 1)
+    logit = lambda x: np.log(x) - np.log1p(-x)
+    return Teacher(types, vocab, logit(rate) - logit(other))
+
+
+def fit_embedded_teacher(split: CellSplit, cfg: PuzzleConfig = CPU, draws: int = 8, seed: int = 0) -> Teacher:
+    """Teacher fitted on train cells only: their top-gene lists, plus `draws` down-sampled lists each when
+    cfg.augment (so it also knows what shallower train cells look like)."""
+    rng = np.random.default_rng(seed)
+    d = split.data
+    cells, labels = [], []
+    for c in split.train:
+        cells.append(top_genes(d.values[c], d.genes, cfg.n_genes))
+        for _ in range(draws if cfg.augment else 0):
+            cells.append(top_genes(downsample(d.values[c], rng, cfg.p_range), d.genes, cfg.n_genes))
+        labels += [str(d.labels[c])] * (1 + (draws if cfg.augment else 0))
+    return fit_teacher(cells, labels)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]   # same strings as Qwen, so ChatML is identical
+# Pre-tokens: a word with the ", " or " " before it (", LYZ", " CD14+", "HLA-DRA"), a comma, or a run of
+# whitespace. Gene and type names are never split at "-", "+", "/" or digits, and the separator rides with the
+# name, so BPE can learn ", LYZ" as one token: a gene list costs about one token per gene.
+PRETOKEN = r"(?:, | )?[^\s,]+|,|\s+"
+
+
+def train_tokenizer(texts, vocab_size: int = 2048):
+    """Byte-level BPE over PRETOKEN pieces with Qwen's special tokens. Deterministic for the same texts."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKEN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Write the embedded PBMC puzzles as train/reasoning/test JSONL files "
+                                             "that load_puzzles(out, split) reads like the released data.")
+    ap.add_argument("out")
+    ap.add_argument("--n-genes", type=int, default=CPU.n_genes)
+    ap.add_argument("--n-range", type=int, nargs=2, default=CPU.n_range)
+    ap.add_argument("--no-augment", action="store_true")
+    ap.add_argument("--train", type=int, default=5000)
+    ap.add_argument("--per-n", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    cfg = PuzzleConfig(n_genes=a.n_genes, n_range=tuple(a.n_range), augment=not a.no_augment)
+    print(export(embedded(cfg), a.out, cfg, a.train, a.per_n, a.seed))
