@@ -1,0 +1,286 @@
+"""Batched sampling with a KV cache: what GRPO rollouts and evaluation call.
+
+    sampler = Sampler(model)
+    outs = sampler.generate(prompts, n=8, max_new_tokens=512, temperature=1.0, stop_token_ids=stops, seed=0)
+    outs[i * n + j]          # sample j of prompt i (prompt-major)
+    outs[k].tokens           # generated ids, the stop token included when one was hit
+    outs[k].logprobs         # one float per generated token: log_softmax(logits / T) of that token (T = 1 if greedy)
+    outs[k].finished         # True: ended on a stop token; False: ran out of max_new_tokens
+
+Design
+------
+KV cache: one `KVCache` of S slots x Tmax positions, allocated once per `generate` call, Tmax = longest prompt +
+max_new_tokens - 1 (the last sampled token is never fed back). Each sequence owns one whole slot for its lifetime
+(contiguous, no paging: simple, and the decode kernels take a slot index per row).
+
+Slots: S = min(#sequences, max_batch, cache budget / bytes per slot); S >= n is required (see admission), and a
+budget-derived S is rounded down to a multiple of n so no slot is stranded. Sequences that do not fit are queued.
+The active rows always occupy slots 0..B-1 (row i lives in slot i): when rows finish, the surviving rows with the
+highest slots are moved into the holes (their written K/V copied down, one batched copy per stop event), so the
+decode attention reads a plain prefix of the cache instead of gathering scattered slots every step, and new rows
+are simply appended at slots B, B+1, ...
+
+Admission ("prefill once per prompt"): a prompt is admitted only when all of its n samples get a slot (S - B >= n).
+Admitted prompts are prefilled together as one right-padded batch (at most `prefill_tokens` padded tokens, at least
+one prompt), each into the first of its n slots; its K/V rows are then copied into the other n - 1 slots, and the n
+first tokens are sampled from the one prefill's last-position logits. lm_head runs only on those last positions.
+Queued prompts are admitted as soon as enough slots are free, so prefill and decode interleave (continuous batching).
+
+Decode: one model call per step for exactly the active rows (finished rows are compacted away at once). Per step
+the only host transfer is the `done.any()` check; sampled tokens and log-probs are written into device buffers and
+copied to the host once at the end. Python bookkeeping happens only when rows finish or prompts are admitted.
+
+Sampling (fp32): greedy = argmax. Otherwise p = softmax(logits / T), optionally nucleus-filtered (top_p < 1: keep
+the smallest set of most likely tokens whose mass reaches top_p, renormalised), and one token is drawn by inverse
+CDF with a uniform u[seq, step] taken from a table drawn up front from `torch.Generator().manual_seed(seed)`. The
+random stream therefore belongs to the sequence (prompt i, sample j, step t), not to the batch: the same seed gives
+the same tokens whatever max_batch / slot count / admission order is used (up to floating-point differences of
+batched matmuls, which flip a token only if u lands within ~1e-7 of a CDF boundary). seed=None draws a fresh seed.
+
+Reported log-probs are always the *unfiltered* log_softmax(logits / T) in fp32 (T = 1 for greedy): exactly what a
+trainer recomputes from the same weights and the same temperature. With top_p < 1 the tokens are drawn from the
+truncated distribution while the log-prob is of the full one, so the sampler is then off-policy with respect to those
+log-probs (the GRPO top-p pitfall); keep top_p = 1 (the default) for training rollouts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import KVCache, Transformer
+
+
+@dataclass
+class Completion:
+    tokens: list[int]       # generated ids (stop token included when hit), without the prompt
+    logprobs: list[float]   # log_softmax(logits / T)[token] per generated token, fp32, unfiltered by top_p
+    prompt_index: int       # index into the `prompts` given to generate
+    sample_index: int       # 0..n-1 among that prompt's samples
+    finished: bool          # True: ended on a stop token; False: stopped by max_new_tokens
+
+
+class Sampler:
+    """Generates from a `Transformer` with a per-call KV cache. See the module docstring for the design.
+
+    max_batch: at most this many sequences decode at once (= KV cache slots, must be >= n); None: all of them, as
+        far as cache_budget_bytes allows. An explicit max_batch is used as given (the budget is not applied).
+    cache_budget_bytes: cap on the KV cache size when max_batch is None (default: half the free memory on CUDA,
+        4 GiB on CPU).
+    prefill_tokens: at most this many (padded) tokens per prefill batch; one prompt is always admitted.
+    """
+
+    def __init__(self, model: Transformer, max_batch: int | None = None, cache_budget_bytes: int | None = None,
+                 prefill_tokens: int = 16384):
+        self.model = model
+        self.max_batch = max_batch
+        self.cache_budget_bytes = cache_budget_bytes
+        self.prefill_tokens = prefill_tokens
+        self.stats: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _slot_count(self, n_seqs: int, n: int, max_len: int, max_batch: int | None, device, dtype) -> int:
+        c = self.model.config
+        per_slot = 2 * c.num_hidden_layers * max_len * c.num_key_value_heads * c.head_dim * dtype.itemsize
+        budget = self.cache_budget_bytes
+        if budget is None:
+            budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 4 << 30
+        by_budget = budget // per_slot
+        slots = min(n_seqs, by_budget if max_batch is None else max_batch)
+        if max_batch is not None and max_batch < n:
+            raise ValueError(f"max_batch={max_batch} < n={n}: all n samples of a prompt must fit at once "
+                             f"(a prompt is prefilled once and its K/V shared by its n slots)")
+        if slots < n:
+            raise ValueError(f"the KV cache budget ({budget} bytes) holds {by_budget} sequence(s) of {max_len} "
+                             f"tokens, fewer than n={n}: raise cache_budget_bytes or lower max_new_tokens")
+        if max_batch is None and slots < n_seqs:
+            slots -= slots % n
+        return slots
+
+    def _sample(self, logits, u, temperature: float, top_p: float):
+        """logits (B, V), u (B,) uniforms or None -> tokens (B,) int64, log-probs (B,) fp32 (unfiltered)."""
+        logits = logits.float()
+        if temperature == 0.0:
+            tokens = logits.argmax(-1)
+            return tokens, logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, -1)
+        scaled = logits / temperature if temperature != 1.0 else logits
+        # one exp pass serves both the log-prob (log_softmax = x - max - log sum exp(x - max)) and the sampling CDF
+        m = scaled.amax(-1, keepdim=True)
+        probs = (scaled - m).exp_()                 # unnormalised
+        mass = probs.sum(-1, keepdim=True)
+        lse = m[:, 0] + mass[:, 0].log()
+        if top_p < 1.0:
+            probs, order = (probs / mass).sort(-1, descending=True)
+            keep = (probs.cumsum(-1) - probs) < top_p  # mass before the token < top_p: the first is always kept
+            probs = probs * keep
+        cdf = probs.cumsum(-1)
+        total = cdf[:, -1]
+        # x < total strictly, and cdf is non-decreasing: the first cdf[i] > x has probs[i] > 0
+        x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        tokens = torch.searchsorted(cdf, x[:, None], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+        if top_p < 1.0:
+            tokens = order.gather(-1, tokens[:, None])[:, 0]
+        return tokens, scaled.gather(-1, tokens[:, None])[:, 0] - lse
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 0.0,
+                 stop_token_ids=(), seed: int | None = None, top_p: float = 1.0, max_batch: int | None = None,
+                 progress: bool = True) -> list[Completion]:
+        """Sample n completions of each prompt; returns len(prompts) * n `Completion`s, prompt-major.
+
+        temperature 0 is greedy (log-probs then at T = 1). top_p nucleus-filters the sampling distribution only (the
+        reported log-probs stay unfiltered, see the module docstring). max_batch overrides the sampler's for this
+        call. progress shows a tqdm bar counting generated tokens (against the max_new_tokens upper bound)."""
+        from tqdm.auto import tqdm
+
+        if n < 1 or max_new_tokens < 0 or temperature < 0 or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"bad arguments: n={n}, max_new_tokens={max_new_tokens}, temperature={temperature}, "
+                             f"top_p={top_p}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: at least one token is needed to predict the next")
+        N = len(prompts) * n
+        out = [Completion([], [], i // n, i % n, False) for i in range(N)]
+        self.stats = dict(prefill_calls=0, prefill_rows=0, prefill_tokens=0, decode_steps=0, decode_rows=0,
+                          kv_moves=0, slots=0)
+        if N == 0 or max_new_tokens == 0:
+            return out
+
+        model = self.model
+        p0 = next(model.parameters())
+        device, dtype = p0.device, p0.dtype
+        max_prompt = max(len(p) for p in prompts)
+        max_len = max_prompt + max_new_tokens - 1
+        S = self._slot_count(N, n, max_len, max_batch if max_batch is not None else self.max_batch, device, dtype)
+        self.stats["slots"] = S
+        cache = KVCache.allocate(model.config, S, max_len, device, dtype)
+
+        sampling = temperature > 0.0
+        if sampling:
+            gen = torch.Generator()
+            gen.manual_seed(seed) if seed is not None else gen.seed()  # gen.seed(): fresh, global RNG untouched
+            uniforms = torch.rand(N, max_new_tokens, generator=gen).to(device)
+        stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+        out_tokens = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
+        out_logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
+        out_len = torch.zeros(N, dtype=torch.long, device=device)
+        out_stopped = torch.zeros(N, dtype=torch.bool, device=device)
+
+        # Active rows; row i lives in cache slot i. tok: last sampled token (fed next, at position pos);
+        # step: tokens generated so far; seq: index into out.
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        tok, pos, step, seq = empty, empty, empty, empty
+        next_prompt = 0
+        bar = tqdm(total=N * max_new_tokens, unit="tok", desc="generate", disable=not progress, leave=False)
+
+        def sample_and_record(logits, seq, step):
+            """Sample the token number `step` of each row; write it out; -> tokens, done mask, stop mask."""
+            u = uniforms[seq, step] if sampling else None
+            t, lp = self._sample(logits, u, temperature, top_p)
+            out_tokens[seq, step] = t
+            out_logprobs[seq, step] = lp
+            stopped = torch.isin(t, stops) if len(stops) else torch.zeros_like(t, dtype=torch.bool)
+            return t, stopped | (step + 1 >= max_new_tokens), stopped
+
+        def retire(done, stopped):
+            """Drop finished rows; move the highest surviving rows into the freed slots below the new batch size."""
+            nonlocal tok, pos, step, seq
+            d_seq, d_len = seq[done], step[done]  # step = tokens generated
+            out_len[d_seq] = d_len
+            out_stopped[d_seq] = stopped[done]
+            bar.update(int((max_new_tokens - d_len).sum()))  # the unused budget of rows that stopped early
+            done_l = done.tolist()
+            B = len(done_l)
+            keep = B - sum(done_l)
+            holes = [i for i in range(keep) if done_l[i]]
+            movers = [i for i in range(keep, B) if not done_l[i]]
+            perm = list(range(keep))
+            for h, m in zip(holes, movers):
+                perm[h] = m
+            if movers:
+                src = torch.tensor(movers, device=device)
+                dst = torch.tensor(holes, device=device)
+                P = int(pos[src].max())  # positions 0..pos-1 are written
+                cache.k[:, dst, :P] = cache.k[:, src, :P]
+                cache.v[:, dst, :P] = cache.v[:, src, :P]
+                self.stats["kv_moves"] += len(movers)
+            perm = torch.tensor(perm, dtype=torch.long, device=device)
+            tok, pos, step, seq = tok[perm], pos[perm], step[perm], seq[perm]
+
+        def admit():
+            """Prefill as many whole prompts as fit (slots for all n samples, prefill token budget)."""
+            nonlocal tok, pos, step, seq, next_prompt
+            B = len(tok)
+            idx, T = [], 0
+            while next_prompt + len(idx) < len(prompts) and S - B - (len(idx) + 1) * n >= 0:
+                T_new = max(T, len(prompts[next_prompt + len(idx)]))
+                if idx and T_new * (len(idx) + 1) > self.prefill_tokens:
+                    break
+                idx.append(next_prompt + len(idx))
+                T = T_new
+            if not idx:
+                return
+            next_prompt += len(idx)
+            k = len(idx)
+            ids = torch.zeros(k, T, dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, :len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.long)
+            lens = torch.tensor([len(prompts[i]) for i in idx], dtype=torch.long, device=device)
+            first = B + n * torch.arange(k, device=device)  # each prompt's first slot
+            h = model.hidden(ids.to(device), cache=cache, slots=first, seq_lens=lens)
+            logits = model.lm_head(h[torch.arange(k, device=device), lens - 1])  # last real position only
+            self.stats["prefill_calls"] += 1
+            self.stats["prefill_rows"] += k
+            self.stats["prefill_tokens"] += k * T
+            if n > 1:  # share the prompt's K/V with its other n - 1 slots
+                others = (first[:, None] + torch.arange(1, n, device=device)).flatten()
+                src = first.repeat_interleave(n - 1)
+                cache.k[:, others, :T] = cache.k[:, src, :T]
+                cache.v[:, others, :T] = cache.v[:, src, :T]
+            new_seq = (torch.tensor(idx, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
+            new_step = torch.zeros(k * n, dtype=torch.long, device=device)
+            t, done, stopped = sample_and_record(logits.repeat_interleave(n, 0), new_seq, new_step)
+            bar.update(k * n)
+            tok = torch.cat([tok, t])
+            pos = torch.cat([pos, lens.repeat_interleave(n)])
+            step = torch.cat([step, new_step + 1])
+            seq = torch.cat([seq, new_seq])
+            if done.any():
+                retire(torch.cat([torch.zeros(B, dtype=torch.bool, device=device), done]),
+                       torch.cat([torch.zeros(B, dtype=torch.bool, device=device), stopped]))
+
+        try:
+            while True:
+                while next_prompt < len(prompts) and S - len(tok) >= n:
+                    before = next_prompt
+                    admit()
+                    if next_prompt == before:
+                        break
+                B = len(tok)
+                if B == 0:
+                    if next_prompt >= len(prompts):
+                        break
+                    continue
+                slots = torch.arange(B, device=device)
+                h = model.hidden(tok[:, None], positions=pos[:, None], cache=cache, slots=slots)
+                logits = model.lm_head(h[:, 0])
+                self.stats["decode_steps"] += 1
+                self.stats["decode_rows"] += B
+                tok, done, stopped = sample_and_record(logits, seq, step)
+                pos = pos + 1
+                step = step + 1
+                bar.update(B)
+                if done.any():
+                    retire(done, stopped)
+        finally:
+            bar.close()
+
+        out_tokens, out_logprobs = out_tokens.cpu(), out_logprobs.cpu()
+        for i, (L, s) in enumerate(zip(out_len.tolist(), out_stopped.tolist())):
+            out[i].tokens = out_tokens[i, :L].tolist()
+            out[i].logprobs = out_logprobs[i, :L].tolist()
+            out[i].finished = s
+        return out
