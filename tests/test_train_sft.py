@@ -1,0 +1,133 @@
+"""train_sft.py: the loss mask, 1 rank == 2 ranks, kill -9 + resume == uninterrupted, checkpoints load in transformers.
+The runs are real (torchrun, gloo, FSDP2) on a 60k-parameter model for a few steps."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+from model import ModelConfig, Transformer, load_tokenizer
+from train_sft import collate, tokenize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+def test_loss_mask_is_exactly_the_completion_and_end():
+    tok = load_tokenizer(os.path.dirname(data.TOKENIZER_PATH))
+    end = tok.token_to_id("<|im_end|>")
+    p = data.make_puzzle("The cell is from the blood. ", [["LYZ", "CST3"], ["CD3D", "IL7R"]],
+                         ["CD14+ Monocyte", "CD4+/CD45RO+ Memory"])
+    completion = "<think>x</think>\n<answer>CD14+ Monocyte | CD4+/CD45RO+ Memory</answer>"
+    a = tokenize(tok, p, completion, end, 10_000, "a")
+    b = tokenize(tok, p, "<think>y</think>\n<answer>B | A</answer>", end, 10_000, "b")
+    x, y, sel = collate([a, b], "cpu")
+    loss = y >= 0  # the positions the loss counts
+    want = tok.encode(completion, add_special_tokens=False).ids + [end]
+    assert y[0][loss[0]].tolist() == want  # the targets: every completion token and <|im_end|>
+    assert loss[0].nonzero()[0].item() == a[1] - 1  # first loss position is the last prompt token
+    assert x[0, a[1]:len(a[0])].tolist() == want  # and those targets are the inputs that follow
+    n_b = len(b[0]) - b[1]
+    assert loss[1].sum().item() == n_b and not loss[1, len(b[0]) - 1:].any()  # padding never counts
+    assert (sel & loss).equal(loss)  # lm_head runs on every loss position...
+    assert x.shape[1] % 64 == 0 and sel.sum() % 64 == 0  # ...plus a few prompt positions: bucketed shapes
+    assert not (sel & ~loss)[0, a[1] - 1:].any() and not (sel & ~loss)[1, b[1] - 1:].any()
+    x[1, len(b[0]):] = end  # even a pad id equal to the end id changes nothing: the targets come from lengths
+    assert collate([a, b], "cpu")[1].equal(y)
+    with pytest.raises(ValueError, match="--max-len"):
+        tokenize(tok, p, completion, end, 20, "row 7")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    tok_dir = os.path.dirname(data.TOKENIZER_PATH)
+    cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=load_tokenizer(tok_dir).get_vocab_size(),
+                      tie_word_embeddings=True, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    Transformer(cfg).init_weights().save_pretrained(d, tokenizer_dir=tok_dir)
+    return str(d)
+
+
+def sft_cmd(model, out, nproc=1, steps=4, extra=()):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc_per_node={nproc}"]
+    return launcher + [os.path.join(ROOT, "train_sft.py"), "--model", model, "--out", str(out), "--steps", str(steps),
+                       "--batch-size", "8", "--micro-batch", "2", "--lr", "2e-3", "--warmup", "1", "--eval-every",
+                       "0", "--eval-puzzles", "1", "--eval-max-new-tokens", "4", "--save-every", "2",
+                       "--no-progress", *extra]
+
+
+def run(cmd):
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def log(out):
+    return [json.loads(ln) for ln in open(os.path.join(out, "sft_log.jsonl"))]
+
+
+def weights(out):
+    return Transformer.from_pretrained(os.path.join(out, "model"), dtype=torch.float32).state_dict()
+
+
+def test_two_ranks_equal_one_rank(tiny_dir, tmp_path):
+    run(sft_cmd(tiny_dir, tmp_path / "r1", nproc=1))
+    run(sft_cmd(tiny_dir, tmp_path / "r2", nproc=2))
+    r1 = [r for r in log(tmp_path / "r1") if "loss" in r]
+    r2 = [r for r in log(tmp_path / "r2") if "loss" in r]
+    assert len(r1) == 4 and [r["loss"] for r in r1] == pytest.approx([r["loss"] for r in r2], rel=1e-4)
+    assert r1[-1]["loss"] < r1[0]["loss"]  # it learns
+    # AdamW is blind to a constant gradient scale, so the weights alone would not catch a gradient mis-scaled by the
+    # number of ranks: the logged (pre-clip) gradient norm does
+    assert [r["grad_norm"] for r in r1] == pytest.approx([r["grad_norm"] for r in r2], rel=1e-3)
+    w1, w2 = weights(tmp_path / "r1"), weights(tmp_path / "r2")
+    # Each step moves a weight by up to ~lr = 2e-3; the two runs differ only by float summation order (bf16 autocast),
+    # which Adam amplifies for near-zero gradients: measured max 8e-5 after 4 steps
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=3e-4, rtol=0, msg=k)
+    e1 = [r["eval"] for r in log(tmp_path / "r1") if "eval" in r]
+    assert len(e1) == 1 and e1[0]["count"] > 0  # the final evaluation ran and was scored
+
+
+def test_kill9_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
+    run(sft_cmd(tiny_dir, tmp_path / "full", steps=6))
+    out = tmp_path / "killed"
+    p = subprocess.Popen(sft_cmd(tiny_dir, out, steps=6), env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once step 3 is logged: the step-2 checkpoint exists, step 4's does not
+        if os.path.exists(out / "sft_log.jsonl") and any(r.get("step", 0) >= 3 for r in log(out)):
+            break
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert json.load(open(out / "checkpoint" / "meta.json"))["step"] in (2, 4)
+    assert not (out / "model").exists()
+    with pytest.raises(AssertionError, match="--resume"):
+        run(sft_cmd(tiny_dir, out, steps=6))  # an existing run is never overwritten silently
+    run(sft_cmd(tiny_dir, out, steps=6, extra=["--resume"]))
+    steps = [r["step"] for r in log(out) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # lines after the checkpoint were dropped and redone, none repeated
+    wa, wb = weights(tmp_path / "full"), weights(out)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_checkpoint_loads_in_transformers(tiny_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run(sft_cmd(tiny_dir, tmp_path / "r", steps=2))
+    ours = Transformer.from_pretrained(str(tmp_path / "r" / "model"), dtype=torch.float32)
+    theirs = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "r" / "model", dtype=torch.float32).eval()
+    x = torch.randint(0, ours.config.vocab_size, (2, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x).logits, atol=1e-4, rtol=1e-4)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # tied stays tied through FSDP2 and the save
+    assert os.path.exists(tmp_path / "r" / "model" / "tokenizer.json")

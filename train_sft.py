@@ -1,0 +1,454 @@
+"""Supervised fine-tuning on reasoning traces (Cell-o1's first stage), FSDP2 under torchrun, resumable.
+
+    python train_sft.py                                   # tiny model from scratch on the embedded PBMC puzzles (CPU)
+    torchrun --nproc_per_node 8 train_sft.py --model Qwen/Qwen2.5-7B-Instruct --data ncbi/CellPuzzles --out runs/sft
+
+Facts this file implements:
+  - one prompt layout for every stage (SFT, GRPO, evaluation): system = the puzzle instruction, user = the puzzle,
+    rendered in ChatML with the generation prompt; the completion is the assistant text followed by <|im_end|>;
+  - the loss is the token-mean cross-entropy over completion tokens only (prompt masked), <|im_end|> included so the
+    model learns to stop. The mask comes from lengths, never from a pad id (pad == eos would mask the real eos);
+  - the mean is over every completion token of the *global* batch (all micro-batches, all ranks), so 1 rank and N
+    ranks give the same update for the same global batch;
+  - example i of the run is a pure function of (seed, i): a file's rows in a seeded per-epoch order, or, for the
+    embedded data, a fresh augmented puzzle drawn with rng(seed, i). Resuming needs only the step count.
+  - the paper's recipe (reference notes, section 4.1): lr 5e-5, AdamW, linear decay, no warmup, 1 epoch, global
+    batch 96, max length 4096, LoRA/DoRA r=256. We fine-tune all weights with FSDP2 instead of LoRA.
+The distributed helpers here (setup, sharding, checkpoints, weight sync for generation, evaluation) are shared
+with train_rl.py.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import reward
+from model import ModelConfig, Transformer, encode_chat, load_tokenizer, save_pretrained, stop_token_ids
+from sampler import Sampler
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# The CPU default: a 3.7M-parameter Qwen2 trained from scratch with the committed BPE tokenizer (assets/).
+TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=2048)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed setup and FSDP2
+
+def init_distributed():
+    """torchrun sets RANK/WORLD_SIZE; plain `python` runs as a 1-rank group, so there is a single code path.
+    NCCL on CUDA, gloo on CPU. Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:  # a free port for the 1-rank rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard(model: Transformer, device) -> Transformer:
+    """FSDP2: one unit per block plus the root (embeddings, final norm, lm_head: a tied lm_head stays one Parameter
+    inside the root unit). On GPU, bf16 compute with fp32 master weights and fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
+    kw = dict(mp_policy=mp) if mp else {}
+    for block in model.model.layers:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def autocast(device):
+    """CPU: fp32 weights with bf16 autocast (bf16 matmul is ~4x fp32 on this class of CPU). GPU: FSDP2's policy."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" else nullcontext()
+
+
+def build_model(name: str, tokenizer, device, seed: int) -> tuple[Transformer, str | None]:
+    """`tiny` -> a from-scratch model sized for the CPU default; anything else -> a HF folder or hub id (fp32 master
+    weights for training). Returns (model on device, folder whose tokenizer files travel with checkpoints)."""
+    if name == "tiny":
+        torch.manual_seed(seed)
+        config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), **TINY)
+        return Transformer(config).init_weights().to(device), None
+    return Transformer.from_pretrained(name, device=device, dtype=torch.float32), name
+
+
+def tokenizer_source(model: str, tokenizer: str | None) -> str:
+    """The folder holding tokenizer.json: --tokenizer, else the model folder, else the committed tiny tokenizer."""
+    if tokenizer:
+        return tokenizer
+    return os.path.dirname(data.TOKENIZER_PATH) if model == "tiny" else model
+
+
+@torch.no_grad()
+def sync_weights(trained: Transformer, infer: Transformer):
+    """Copy the current (sharded) weights into the plain inference copy the sampler uses: one all-gather per
+    tensor, every rank gets the full tensor. Called before each generation, so rollouts never use stale weights."""
+    src = dict(trained.named_parameters())
+    for name, p in infer.named_parameters():
+        t = src[name]
+        p.copy_(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def full_state_dict(model) -> dict:
+    """The unsharded state dict on rank 0 (CPU), empty elsewhere: for the Hugging Face checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: <run>/checkpoint/{model/ (HF layout), state/ (sharded optimizer + weights, torch DCP), meta.json}
+
+def save_checkpoint(run_dir, model, optim, meta: dict, tokenizer_dir):
+    """Written to checkpoint.tmp by all ranks, renamed into place by rank 0 once complete: a kill at any moment
+    leaves either the previous checkpoint or the new one, never a half-written one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final, tmp = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "checkpoint.tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    msd, osd = get_state_dict(model, optim)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "state"))
+    hf = full_state_dict(model)
+    if dist.get_rank() == 0:
+        save_pretrained(hf, model.config, os.path.join(tmp, "model"), tokenizer_dir)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        if os.path.exists(final):
+            os.rename(final, final + ".old")
+        os.rename(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(run_dir, model, optim) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    ckpt = os.path.join(run_dir, "checkpoint")
+    msd, osd = get_state_dict(model, optim)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=os.path.join(ckpt, "state"))
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        return json.load(f)
+
+
+def prepare_run_dir(run_dir: str, resume: bool, log_name: str) -> int:
+    """Refuse to overwrite a run unless resuming; on resume drop log lines past the checkpoint (they would be
+    repeated). Returns the step to resume from (0 for a fresh run). Rank 0 only touches files."""
+    ckpt = os.path.join(run_dir, "checkpoint", "meta.json")
+    step = 0
+    if os.path.exists(ckpt):
+        if not resume:
+            raise SystemExit(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or another --out")
+        step = json.load(open(ckpt))["step"]
+    log = os.path.join(run_dir, log_name)
+    if dist.get_rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        if os.path.exists(log):
+            lines = [ln for ln in open(log) if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            with open(log, "w") as f:
+                f.writelines(lines)
+    return step
+
+
+class Log:
+    """One console line per step (through tqdm) and a JSONL file for machines; rank 0 only."""
+
+    def __init__(self, path: str):
+        self.path = path if dist.get_rank() == 0 else None
+
+    def __call__(self, record: dict, console: str | None = None):
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if console:
+            tqdm.write(console)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine / linear decay to lr * min_ratio, or constant."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    t = (step - warmup) / max(1, total - warmup)
+    decay = 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else 1 - t
+    return lr * (min_ratio + (1 - min_ratio) * decay)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: examples are (prompt messages, completion text); example i is a pure function of (seed, i)
+
+def messages(p: data.Puzzle) -> list[dict]:
+    return [{"role": "system", "content": p.system}, {"role": "user", "content": p.user}]
+
+
+class Examples:
+    """SFT examples by global index. `source`: "embedded" (fresh augmented PBMC puzzles with accepted teacher
+    traces) or a CellPuzzles file / folder / hub id (its `reasoning` split, every row a full trace)."""
+
+    def __init__(self, source: str, seed: int, split: str = "reasoning", skip_bad: bool = False):
+        self.seed = seed
+        if source == "embedded":
+            cells = data.embedded()
+            self.sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment,
+                                              data.CPU.p_range)
+            self.teacher = data.fit_embedded_teacher(cells)
+            self.n_range = (data.CPU.n_range[0], min(data.CPU.n_range[1], self.sampler.max_n()))
+            self.rows = None
+        else:
+            self.rows, skipped = data.load_puzzles(source, split, skip_bad=skip_bad)
+            if skipped:
+                print(f"skipped {skipped} malformed rows of {source} ({split}) under --skip-bad")
+            for i, p in enumerate(self.rows):
+                if "<think>" not in p.assistant or "</answer>" not in p.assistant:
+                    raise ValueError(f"{source} ({split}) row {i}: assistant_msg is not a <think>...</think>\\n"
+                                     f"<answer>...</answer> trace; SFT needs the reasoning split")
+
+    def __len__(self):
+        return len(self.rows) if self.rows is not None else 0  # 0: endless
+
+    def __getitem__(self, i: int) -> tuple[data.Puzzle, str]:
+        if self.rows is not None:
+            epoch, j = divmod(i, len(self.rows))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+            p = self.rows[order[j]]
+            return p, p.assistant
+        rng = np.random.default_rng([self.seed, i])
+        while True:  # rejection sampling, as the paper: keep only traces whose answer is fully correct
+            p = self.sampler.sample(int(rng.integers(self.n_range[0], self.n_range[1] + 1)), rng)
+            trace = self.teacher.accepted_trace(p)
+            if trace is not None:
+                return p, trace
+
+
+def tokenize(tok, p: data.Puzzle, completion: str, end_id: int, max_len: int, where: str) -> tuple[list[int], int]:
+    """-> (prompt ids + completion ids + <|im_end|>, prompt length). Prompt and completion are encoded apart, as the
+    sampler sees them (prompt ids, then generated ids)."""
+    prompt = encode_chat(tok, messages(p), add_generation_prompt=True)
+    ids = prompt + tok.encode(completion, add_special_tokens=False).ids + [end_id]
+    if len(ids) > max_len:
+        raise ValueError(f"{where}: {len(ids)} tokens > --max-len {max_len}; raise --max-len or drop the row")
+    return ids, len(prompt)
+
+
+def collate(batch: list[tuple[list[int], int]], device, bucket: int = 64):
+    """Right-padded inputs x (B, T), targets y (B, T) and `sel`, the (B, T) bool mask of positions that go through
+    lm_head. y is -100 (ignored) except where the *next* token is a completion token (the end id included): the
+    loss positions come from lengths, never from a pad id. T and the number of selected positions are rounded up to
+    multiples of `bucket` (extra prompt positions, ignored by the loss): on CPU, oneDNN caches a kernel per matmul
+    shape and memory grows without bound when every micro-batch has a new shape."""
+    T = -(-max(len(ids) for ids, _ in batch) // bucket) * bucket
+    x = torch.zeros(len(batch), T, dtype=torch.long)
+    y = torch.full((len(batch), T), -100, dtype=torch.long)
+    sel = torch.zeros(len(batch), T, dtype=torch.bool)
+    for b, (ids, n_prompt) in enumerate(batch):
+        x[b, :len(ids)] = torch.tensor(ids)
+        y[b, n_prompt - 1:len(ids) - 1] = torch.tensor(ids[n_prompt:])  # predicts completion tokens 0..end
+        sel[b, n_prompt - 1:len(ids) - 1] = True
+    extra = -int(sel.sum()) % bucket
+    prompt_pos = ((~sel) & (torch.arange(T) < torch.tensor([n - 1 for _, n in batch])[:, None])).nonzero()
+    sel[prompt_pos[:extra, 0], prompt_pos[:extra, 1]] = True
+    return x.to(device), y.to(device), sel.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation (shared with train_rl.py): greedy decoding on held-out puzzles, the data issue's metrics
+
+def eval_puzzles(source: str, limit: int, seed: int) -> list[data.Puzzle]:
+    if source == "embedded":
+        return data.test_puzzles(data.embedded(), data.CPU, per_n=limit, seed=seed)
+    puzzles, _ = data.load_puzzles(source, "test")
+    return puzzles[:limit] if limit else puzzles
+
+
+@torch.no_grad()
+def evaluate(infer: Transformer, tok, puzzles, max_new_tokens: int, progress: bool) -> tuple[dict, list[str]]:
+    """Each rank decodes its share (greedy), rank 0 scores all. Returns (metrics, completions) on every rank."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(range(rank, len(puzzles), world))
+    outs = Sampler(infer).generate([encode_chat(tok, messages(puzzles[i]), True) for i in mine], n=1,
+                                   max_new_tokens=max_new_tokens, temperature=0.0,
+                                   stop_token_ids=stop_token_ids(tok), progress=progress)
+    local = [(i, tok.decode(o.tokens, skip_special_tokens=True), len(o.tokens)) for i, o in zip(mine, outs)]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local)
+    rows = sorted(r for part in gathered for r in part)
+    texts = [t for _, t, _ in rows]
+    m = reward.metrics(texts, [puzzles[i].answer for i, _, _ in rows], [n for _, _, n in rows])
+    return m, texts
+
+
+def eval_line(m: dict) -> str:
+    per_n = " ".join(f"N{n}:{v['format_rate']:.2f}/{v['cell_acc']:.2f}/{v['batch_acc']:.2f}"
+                     for n, v in sorted(m["by_n"].items()))
+    return (f"eval | format {m['format_rate']:.3f} | cell {m['cell_acc']:.3f} | batch {m['batch_acc']:.3f} | "
+            f"len {m['mean_len']:.0f} | per N (format/cell/batch) {per_n}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny' (from scratch, CPU default), a HF folder or a hub id")
+    p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: the model's, or assets/)")
+    p.add_argument("--data", default="embedded", help="'embedded' (PBMC puzzles + teacher traces) or a CellPuzzles "
+                   "file / folder / hub id whose reasoning split is used")
+    p.add_argument("--split", default="reasoning", help="split of --data to train on")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of failing")
+    p.add_argument("--eval-data", default=None, help="held-out puzzles (default: --data's test split / embedded)")
+    p.add_argument("--out", default="runs/sft", help="run folder: checkpoint/, model/, sft_log.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: tiny 300, else 1 epoch)")
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs over a file dataset when --steps is not given")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch in sequences (default: tiny 32, else 96)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward per rank (default: tiny 16, "
+                   "else 1)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: tiny 3e-3, else 5e-5)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: tiny 20, else 0)")
+    p.add_argument("--schedule", default=None, choices=["cosine", "linear", "constant"],
+                   help="decay after warmup (default: tiny cosine, else linear as the reference)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: tiny 0.1, else 0)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
+    p.add_argument("--max-len", type=int, default=4096, help="longest training sequence in tokens (longer is an error)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate every k steps (and at the end); 0: end only")
+    p.add_argument("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N; default 20 / 200)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=None, help="decode budget (default: tiny 512, else 3500)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every k steps (and at the end)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    tiny = args.model == "tiny"
+    for k, t, real in [("batch_size", 32, 96), ("micro_batch", 16, 1), ("lr", 3e-3, 5e-5), ("warmup", 20, 0),
+                       ("schedule", "cosine", "linear"), ("weight_decay", 0.1, 0.0), ("eval_puzzles", 20, 200),
+                       ("eval_max_new_tokens", 512, 3500)]:
+        if getattr(args, k) is None:
+            setattr(args, k, t if tiny else real)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed()
+    torch.manual_seed(args.seed)
+    tok_dir = tokenizer_source(args.model, args.tokenizer)
+    tok = load_tokenizer(tok_dir)
+    end_id = tok.token_to_id("<|im_end|>")
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world})")
+    start = prepare_run_dir(args.out, args.resume, "sft_log.jsonl")
+    examples = Examples(args.data, args.seed, args.split, args.skip_bad)
+    if args.steps:
+        steps = args.steps
+    elif len(examples):
+        steps = max(1, int(args.epochs * len(examples)) // args.batch_size)
+    else:
+        steps = 300  # the embedded stream is endless
+    model, model_dir = build_model(args.model, tok, device, args.seed)
+    model.grad_checkpointing = args.grad_checkpointing
+    with torch.device("meta"):  # the sampler's plain bf16 copy, filled by sync_weights before each generation
+        infer = Transformer(model.config)
+    infer = infer.to_empty(device=device).to(torch.bfloat16).eval()
+    infer.tie_weights()
+    shard(model, device)
+    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    if start:
+        load_checkpoint(args.out, model, optim)
+    eval_set = eval_puzzles(args.eval_data or ("embedded" if args.data == "embedded" else args.data),
+                            args.eval_puzzles, args.seed + 1)
+    log = Log(os.path.join(args.out, "sft_log.jsonl"))
+    n_params = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        print(f"SFT: {n_params / 1e6:.1f}M params, {world} rank(s) on {device}, steps {start}->{steps}, global batch "
+              f"{args.batch_size}, data {args.data}, eval {len(eval_set)} puzzles, out {args.out}")
+    per_rank = args.batch_size // world
+
+    def run_eval(step):
+        sync_weights(model, infer)
+        m, texts = evaluate(infer, tok, eval_set, args.eval_max_new_tokens, progress=False)
+        log({"step": step, "eval": m, "samples": texts[:2]}, f"step {step} {eval_line(m)}")
+
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="sft", disable=rank != 0 or args.no_progress)
+    for step in bar:
+        t0 = time.time()
+        lr = lr_at(step, steps, args.lr, args.warmup, args.schedule, args.min_lr_ratio)
+        for g in optim.param_groups:
+            g["lr"] = lr
+        first = step * args.batch_size + rank * per_rank  # this rank's contiguous share of the global batch
+        batch = [tokenize(tok, *examples[i], end_id, args.max_len, f"example {i}") for i in range(first, first + per_rank)]
+        batch.sort(key=lambda b: len(b[0]))  # similar lengths share a micro-batch: less padding, same global loss
+        micro = [collate(batch[j:j + args.micro_batch], device) for j in range(0, per_rank, args.micro_batch)]
+        # completion tokens and all tokens in the global batch (the first is the token-mean's denominator)
+        counts = torch.tensor([sum((y >= 0).sum().item() for _, y, _ in micro), sum(len(ids) for ids, _ in batch)],
+                              dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        n_tok = counts[0].float()
+        loss_sum = torch.zeros((), device=device)
+        for x, y, sel in micro:
+            with autocast(device):
+                logits = model(x, logits_at=sel)  # (selected positions, vocab): lm_head only where the loss is
+            loss = F.cross_entropy(logits.float(), y[sel], ignore_index=-100, reduction="sum")
+            # FSDP2 averages gradients over ranks; x world makes the result sum / global token count.
+            (loss * world / n_tok).backward()
+            loss_sum += loss.detach()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum)
+        dt = time.time() - t0
+        rec = {"step": step + 1, "loss": loss_sum.item() / n_tok.item(), "lr": lr, "grad_norm": gnorm.item(),
+               "tokens_per_s": counts[1].item() / dt, "step_time_s": dt}
+        log(rec, f"step {step + 1}/{steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.3f} | "
+                 f"tok/s {rec['tokens_per_s']:.0f} | {dt:.2f}s")
+        done = step + 1 == steps
+        if args.eval_every and (step + 1) % args.eval_every == 0 and not done:
+            run_eval(step + 1)
+        if (step + 1) % args.save_every == 0 or done:
+            save_checkpoint(args.out, model, optim, {"step": step + 1, "args": vars(args)}, model_dir or tok_dir)
+    bar.close()
+    if start < steps or not os.path.exists(os.path.join(args.out, "model")):
+        run_eval(steps)
+        if rank == 0:  # the final model, HF layout, for train_rl.py --model and transformers
+            final = os.path.join(args.out, "model")
+            shutil.rmtree(final + ".tmp", ignore_errors=True)
+            shutil.copytree(os.path.join(args.out, "checkpoint", "model"), final + ".tmp")
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(final + ".tmp", final)
+    dist.barrier()
+    del model, optim, infer  # free before destroy_process_group: a rank sometimes aborts at exit otherwise
+    gc.collect()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
