@@ -469,14 +469,18 @@ class Teacher:
         w = [self.weight[self.types.index(t), self.vocab[g]] if g in self.vocab else -math.inf for g in genes]
         return [genes[i] for i in sorted(range(len(genes)), key=lambda i: -w[i])[:k]]
 
-    def trace(self, p: Puzzle) -> tuple[str, list[str]]:
-        """(completion, its types in cell order). Cells are resolved most confident first. A cell whose best type
-        went to another cell waits until that cell is placed, then its line says so (the Hungarian optimum makes
-        these waits acyclic). Each line names 2 markers, the type, and the candidates still free."""
+    def trace(self, p: Puzzle, order: str = "confidence") -> tuple[str, list[str]]:
+        """(completion, its types in cell order). order="confidence": cells are resolved most confident first; a
+        cell whose best type went to another cell waits until that cell is placed, then its line says so (the
+        Hungarian optimum makes these waits acyclic). order="cell": cells 1..N in turn; a cell whose best type
+        belongs to another cell says which ("but cell k fits it better") and takes its assigned type. Each line
+        names 2 markers, the type, and the candidates still free."""
         s = self.scores(p)
         col = hungarian(s)
         best = s.argmax(1)
         owner = {int(j): i for i, j in enumerate(col)}
+        if order == "cell":
+            return self._cell_order_trace(p, col, best, owner)
         second = np.array([np.max(np.delete(s[i], col[i])) if p.n > 1 else 0.0 for i in range(p.n)])
         margin = s[np.arange(p.n), col] - second
         free, done, lines = list(p.candidates), set(), []
@@ -499,9 +503,27 @@ class Teacher:
         types = [p.candidates[j] for j in col]
         return render_completion("\n".join(lines), types), types
 
-    def accepted_trace(self, p: Puzzle) -> str | None:
+    def _cell_order_trace(self, p: Puzzle, col, best, owner) -> tuple[str, list[str]]:
+        free, lines = list(p.candidates), []
+        sep = "; " if any("," in c for c in free) else ", "
+        for i in range(p.n):
+            t = p.candidates[col[i]]
+            line = f"Cell {i + 1}: "
+            if best[i] != col[i]:
+                a = p.candidates[best[i]]
+                line += f"{', '.join(self.markers(p.cells[i], a))} -> {a}, but cell {owner[int(best[i])] + 1} fits " \
+                        f"it better; "
+            line += f"{', '.join(self.markers(p.cells[i], t))} -> {t}."
+            free.remove(t)
+            if free:
+                line += f" Left: {sep.join(free)}"
+            lines.append(line)
+        types = [p.candidates[j] for j in col]
+        return render_completion("\n".join(lines), types), types
+
+    def accepted_trace(self, p: Puzzle, order: str = "confidence") -> str | None:
         """The trace if its answer is fully correct (the paper's rejection rule), else None."""
-        completion, types = self.trace(p)
+        completion, types = self.trace(p, order)
         return completion if types == p.gold else None
 
 

@@ -214,8 +214,9 @@ class Examples:
     """SFT examples by global index. `source`: "embedded" (fresh augmented PBMC puzzles with accepted teacher
     traces) or a CellPuzzles file / folder / hub id (its `reasoning` split, every row a full trace)."""
 
-    def __init__(self, source: str, seed: int, split: str = "reasoning", skip_bad: bool = False):
-        self.seed = seed
+    def __init__(self, source: str, seed: int, split: str = "reasoning", skip_bad: bool = False,
+                 trace_order: str = "confidence"):
+        self.seed, self.trace_order = seed, trace_order
         if source == "embedded":
             cells = data.embedded()
             self.sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment,
@@ -244,7 +245,7 @@ class Examples:
         rng = np.random.default_rng([self.seed, i])
         while True:  # rejection sampling, as the paper: keep only traces whose answer is fully correct
             p = self.sampler.sample(int(rng.integers(self.n_range[0], self.n_range[1] + 1)), rng)
-            trace = self.teacher.accepted_trace(p)
+            trace = self.teacher.accepted_trace(p, self.trace_order)
             if trace is not None:
                 return p, trace
 
@@ -323,6 +324,8 @@ def parse_args(argv=None):
                    "file / folder / hub id whose reasoning split is used")
     p.add_argument("--split", default="reasoning", help="split of --data to train on")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of failing")
+    p.add_argument("--trace-order", default="confidence", choices=["confidence", "cell"],
+                   help="embedded teacher traces: resolve cells most confident first, or in cell order")
     p.add_argument("--eval-data", default=None, help="held-out puzzles (default: --data's test split / embedded)")
     p.add_argument("--out", default="runs/sft", help="run folder: checkpoint/, model/, sft_log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -366,7 +369,7 @@ def main(argv=None):
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world})")
     start = prepare_run_dir(args.out, args.resume, "sft_log.jsonl")
-    examples = Examples(args.data, args.seed, args.split, args.skip_bad)
+    examples = Examples(args.data, args.seed, args.split, args.skip_bad, args.trace_order)
     if args.steps:
         steps = args.steps
     elif len(examples):
