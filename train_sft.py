@@ -206,8 +206,13 @@ def lr_at(step: int, total: int, lr: float, warmup: int, schedule: str, min_rati
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: examples are (prompt messages, completion text); example i is a pure function of (seed, i)
 
-def messages(p: data.Puzzle) -> list[dict]:
-    return [{"role": "system", "content": p.system}, {"role": "user", "content": p.user}]
+# An experiment for the tiny CPU model (--system short): the released 138-token instruction is ~30% of every
+# sequence, and a model trained from scratch cannot read it anyway. Same layout, shorter system turn.
+SHORT_SYSTEM = "Assign each cell a distinct candidate type. Answer as <think>...</think> then <answer>t1 | t2 | ...</answer>."
+
+
+def messages(p: data.Puzzle, system: str | None = None) -> list[dict]:
+    return [{"role": "system", "content": system or p.system}, {"role": "user", "content": p.user}]
 
 
 class Examples:
@@ -250,10 +255,11 @@ class Examples:
                 return p, trace
 
 
-def tokenize(tok, p: data.Puzzle, completion: str, end_id: int, max_len: int, where: str) -> tuple[list[int], int]:
+def tokenize(tok, p: data.Puzzle, completion: str, end_id: int, max_len: int, where: str,
+             system: str | None = None) -> tuple[list[int], int]:
     """-> (prompt ids + completion ids + <|im_end|>, prompt length). Prompt and completion are encoded apart, as the
     sampler sees them (prompt ids, then generated ids)."""
-    prompt = encode_chat(tok, messages(p), add_generation_prompt=True)
+    prompt = encode_chat(tok, messages(p, system), add_generation_prompt=True)
     ids = prompt + tok.encode(completion, add_special_tokens=False).ids + [end_id]
     if len(ids) > max_len:
         raise ValueError(f"{where}: {len(ids)} tokens > --max-len {max_len}; raise --max-len or drop the row")
@@ -291,11 +297,12 @@ def eval_puzzles(source: str, limit: int, seed: int) -> list[data.Puzzle]:
 
 
 @torch.no_grad()
-def evaluate(infer: Transformer, tok, puzzles, max_new_tokens: int, progress: bool) -> tuple[dict, list[str]]:
+def evaluate(infer: Transformer, tok, puzzles, max_new_tokens: int, progress: bool,
+             system: str | None = None) -> tuple[dict, list[str]]:
     """Each rank decodes its share (greedy), rank 0 scores all. Returns (metrics, completions) on every rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = list(range(rank, len(puzzles), world))
-    outs = Sampler(infer).generate([encode_chat(tok, messages(puzzles[i]), True) for i in mine], n=1,
+    outs = Sampler(infer).generate([encode_chat(tok, messages(puzzles[i], system), True) for i in mine], n=1,
                                    max_new_tokens=max_new_tokens, temperature=0.0,
                                    stop_token_ids=stop_token_ids(tok), progress=progress)
     local = [(i, tok.decode(o.tokens, skip_special_tokens=True), len(o.tokens)) for i, o in zip(mine, outs)]
@@ -324,6 +331,8 @@ def parse_args(argv=None):
                    "file / folder / hub id whose reasoning split is used")
     p.add_argument("--split", default="reasoning", help="split of --data to train on")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of failing")
+    p.add_argument("--system", default="released", choices=["released", "short"],
+                   help="system turn: the released instruction, or a one-line one (tiny-model experiment)")
     p.add_argument("--trace-order", default="confidence", choices=["confidence", "cell"],
                    help="embedded teacher traces: resolve cells most confident first, or in cell order")
     p.add_argument("--eval-data", default=None, help="held-out puzzles (default: --data's test split / embedded)")
@@ -394,10 +403,11 @@ def main(argv=None):
         print(f"SFT: {n_params / 1e6:.1f}M params, {world} rank(s) on {device}, steps {start}->{steps}, global batch "
               f"{args.batch_size}, data {args.data}, eval {len(eval_set)} puzzles, out {args.out}")
     per_rank = args.batch_size // world
+    system = SHORT_SYSTEM if args.system == "short" else None
 
     def run_eval(step):
         sync_weights(model, infer)
-        m, texts = evaluate(infer, tok, eval_set, args.eval_max_new_tokens, progress=False)
+        m, texts = evaluate(infer, tok, eval_set, args.eval_max_new_tokens, progress=False, system=system)
         log({"step": step, "eval": m, "samples": texts[:2]}, f"step {step} {eval_line(m)}")
 
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="sft", disable=rank != 0 or args.no_progress)
@@ -407,7 +417,8 @@ def main(argv=None):
         for g in optim.param_groups:
             g["lr"] = lr
         first = step * args.batch_size + rank * per_rank  # this rank's contiguous share of the global batch
-        batch = [tokenize(tok, *examples[i], end_id, args.max_len, f"example {i}") for i in range(first, first + per_rank)]
+        batch = [tokenize(tok, *examples[i], end_id, args.max_len, f"example {i}", system)
+                 for i in range(first, first + per_rank)]
         batch.sort(key=lambda b: len(b[0]))  # similar lengths share a micro-batch: less padding, same global loss
         micro = [collate(batch[j:j + args.micro_batch], device) for j in range(0, per_rank, args.micro_batch)]
         # completion tokens and all tokens in the global batch (the first is the token-mean's denominator)
