@@ -9,11 +9,15 @@ checkpoint's state dict loads with no renaming table.
 
 Three ways to call the model (all share one code path):
     model(input_ids)                                   training / full recompute: causal attention over the row
-    model(ids, cache=kv, slots=s, seq_lens=n)          prefill (T > 1): rows start at position 0, right-padded to T,
-                                                       row b has n[b] real tokens; K/V are written to cache slots s
-    model(ids[:, None], positions=p, cache=kv, slots=s) decode (T == 1): one new token per row at position p[b],
-                                                       attending to the p[b] cached tokens of slot s[b] and itself
-The KV cache is a plain `KVCache` (two tensors); the sampler owns its slots. Attention goes through `kernels/`.
+    model(ids, cache=kv, groups=g, seq_lens=n)         prefill: row b is the prompt of prompt group g[b], from
+                                                       position 0, right-padded to T with n[b] real tokens; its K/V
+                                                       go to the group's prompt segment, kv.prompt_len[g[b]] = n[b]
+    model(ids[:, None], positions=p, cache=kv, slots=s) decode: one new token per row at position p[b] in row slot
+                                                       s[b], attending to its group's prompt and the p[b] - prompt_len
+                                                       generated tokens of slot s[b] before it, and itself
+The KV cache is a plain `KVCache` in two segments, so that the n samples of a prompt share one copy of its K/V: a
+prompt segment, one entry per prompt group, and a generated segment, one entry per row slot (see `KVCache`). The
+sampler owns the groups and slots. Attention goes through `kernels/`.
 """
 from __future__ import annotations
 
@@ -93,14 +97,34 @@ class ModelConfig:
 
 @dataclass
 class KVCache:
-    """K/V of every layer for S sequence slots of up to Tmax tokens: k, v are (L, S, Tmax, Hkv, D)."""
+    """K/V of every layer in two segments (L layers, Hkv kv heads, head dim D):
+
+        pk, pv      (L, G, Tp, Hkv, D)  prompt segment: the prompt of each of G prompt groups, stored once and
+                                        shared by all the rows (samples) of the group; written by prefill
+        prompt_len  (G,) int64          prompt tokens of each group (set by prefill)
+        k, v        (L, S, Tg, Hkv, D)  generated segment: the fed-back generated tokens of each of S row slots; the
+                                        token at position p >= prompt_len goes to index p - prompt_len
+        group       (S,) int64          prompt group of each slot (set by the slot's owner, the sampler)
+
+    A row at position p therefore sees keys prompt 0..prompt_len-1 of its group, then its own generated keys
+    0..p - prompt_len. Allocated with zeros: the reference attention needs finite values past the valid lengths."""
+    pk: torch.Tensor
+    pv: torch.Tensor
+    prompt_len: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    group: torch.Tensor
 
     @classmethod
-    def allocate(cls, config: ModelConfig, slots: int, max_len: int, device, dtype) -> "KVCache":
-        shape = (config.num_hidden_layers, slots, max_len, config.num_key_value_heads, config.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+    def allocate(cls, config: ModelConfig, groups: int, prompt_len: int, slots: int, gen_len: int, device,
+                 dtype) -> "KVCache":
+        """G = `groups` prompts of up to `prompt_len` tokens, S = `slots` rows of up to `gen_len` generated tokens."""
+        L, Hkv, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        z = lambda *shape: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
+        return cls(z(L, groups, prompt_len, Hkv, D), z(L, groups, prompt_len, Hkv, D),
+                   torch.zeros(groups, dtype=torch.long, device=device),
+                   z(L, slots, gen_len, Hkv, D), z(L, slots, gen_len, Hkv, D),
+                   torch.zeros(slots, dtype=torch.long, device=device))
 
 
 class RMSNorm(nn.Module):
@@ -140,7 +164,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, slots=None, positions=None, seq_lens=None):
+    def forward(self, x, cos, sin, cache=None, slots=None, groups=None, seq_lens=None):
+        """Cache modes (see `Transformer.hidden`): prefill (slots None): row b is the prompt of group groups[b] with
+        seq_lens[b] real tokens; decode: row b is slot slots[b] of group groups[b] with seq_lens[b] generated keys
+        including the new token's."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -151,17 +178,19 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=self.n_heads != self.n_kv)
             o = o.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
-        elif T > 1:
-            # prefill from position 0: attend within the new tokens, then store them (padded tail included: those
-            # entries lie beyond the row's length and are overwritten by decoded tokens before anything reads them)
+        elif slots is None:
+            # prefill from position 0: attend within the new tokens, then store them in the prompt segment (padded
+            # tail included: it lies beyond prompt_len, where nothing reads it)
             o = prefill_attention(q, k, v, seq_lens)
-            cache.k[self.layer, slots, :T] = k
-            cache.v[self.layer, slots, :T] = v
+            cache.pk[self.layer, groups, :T] = k
+            cache.pv[self.layer, groups, :T] = v
         else:
-            pos = positions[:, 0]
-            cache.k[self.layer, slots, pos] = k[:, 0]
-            cache.v[self.layer, slots, pos] = v[:, 0]
-            o = decode_attention(q[:, 0], cache.k[self.layer], cache.v[self.layer], slots, pos + 1)[:, None]
+            # decode: store the new token in the row's generated segment, attend to prompt + generated keys
+            gen_pos = seq_lens - 1
+            cache.k[self.layer, slots, gen_pos] = k[:, 0]
+            cache.v[self.layer, slots, gen_pos] = v[:, 0]
+            o = decode_attention(q[:, 0], cache.pk[self.layer], cache.pv[self.layer], cache.prompt_len, groups,
+                                 cache.k[self.layer], cache.v[self.layer], slots, seq_lens)[:, None]
         return self.o_proj(o.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -222,13 +251,22 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
         return self
 
-    def hidden(self, input_ids, positions=None, cache=None, slots=None, seq_lens=None):
-        """input_ids (B, T) -> final normed hidden states (B, T, hidden). See the module docstring for the cache."""
+    def hidden(self, input_ids, positions=None, cache=None, slots=None, groups=None, seq_lens=None):
+        """input_ids (B, T) -> final normed hidden states (B, T, hidden). See the module docstring for the cache:
+        with a cache, `groups` (prompt groups) means prefill and `slots` (row slots, T == 1) means decode."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        if cache is not None and T > 1 and seq_lens is None:
-            seq_lens = torch.full((B,), T, device=input_ids.device, dtype=torch.int32)
+        if cache is not None:
+            assert (slots is None) != (groups is None), "pass groups (prefill) or slots (decode)"
+            if slots is None:  # prefill
+                if seq_lens is None:
+                    seq_lens = torch.full((B,), T, device=input_ids.device, dtype=torch.long)
+                cache.prompt_len[groups] = seq_lens.to(cache.prompt_len)
+            else:  # decode: each row's group and generated length (the new token included), once for all layers
+                assert T == 1, "decode takes one token per row"
+                groups = cache.group[slots]
+                seq_lens = positions[:, 0] - cache.prompt_len[groups] + 1
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.model.layers:
@@ -236,7 +274,7 @@ class Transformer(nn.Module):
                 # recompute the block in backward instead of storing its activations (training only, no cache)
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache=cache, slots=slots, positions=positions, seq_lens=seq_lens)
+                x = block(x, cos, sin, cache=cache, slots=slots, groups=groups, seq_lens=seq_lens)
         return self.model.norm(x)
 
     def forward(self, input_ids, logits_at=None, **kwargs):

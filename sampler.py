@@ -9,22 +9,30 @@
 
 Design
 ------
-KV cache: one `KVCache` of S slots x Tmax positions, allocated once per `generate` call, Tmax = longest prompt +
-max_new_tokens - 1 (the last sampled token is never fed back). Each sequence owns one whole slot for its lifetime
-(contiguous, no paging: simple, and the decode kernels take a slot index per row).
+KV cache: one two-segment `KVCache` (see model.py), allocated once per `generate` call:
+  - prompt segment: G prompt groups x Tp positions, Tp = longest prompt rounded up to a multiple of 64. A prompt is
+    prefilled once into a free group, and its n samples all read that one copy (no n-fold copy of the prompt K/V:
+    n times less prompt memory, and the CPU decode attention reads each prompt once per step for all n rows);
+  - generated segment: S row slots x Tg positions, Tg = max_new_tokens - 1 (the last sampled token is never fed
+    back). A sequence owns one whole slot (contiguous, no paging: simple, and the decode kernels take a slot index
+    per row); `cache.group[slot]` names its prompt group.
 
-Slots: S = min(#sequences, max_batch, cache budget / bytes per slot); S >= n is required (see admission), and a
-budget-derived S is rounded down to a multiple of n so no slot is stranded. Sequences that do not fit are queued.
+Slots and groups: S = min(#sequences, max_batch, cache budget / bytes per sequence), bytes per sequence counting Tg
+generated positions and a 1/n share of a prompt; S >= n is required (see admission), and a budget-derived S is rounded
+down to a multiple of n so no slot is stranded. G = S // n groups: a group is taken when its prompt is admitted and
+freed when the last of its n rows finishes. Sequences that do not fit are queued.
 The active rows always occupy slots 0..B-1 (row i lives in slot i): when rows finish, the surviving rows with the
-highest slots are moved into the holes (their written K/V copied down, one batched copy per stop event), so the
-decode attention reads a plain prefix of the cache instead of gathering scattered slots every step, and new rows
-are simply appended at slots B, B+1, ...
+highest slots are moved into the holes (their generated K/V and group index copied down, one batched copy per stop
+event; the prompt segment never moves), so the decode attention reads a plain prefix of the generated segment
+instead of gathering scattered slots every step, and new rows are simply appended at slots B, B+1, ...
 
-Admission ("prefill once per prompt"): a prompt is admitted only when all of its n samples get a slot (S - B >= n).
-Admitted prompts are prefilled together as one right-padded batch (at most `prefill_tokens` padded tokens, at least
-one prompt), each into the first of its n slots; its K/V rows are then copied into the other n - 1 slots, and the n
-first tokens are sampled from the one prefill's last-position logits. lm_head runs only on those last positions.
-Queued prompts are admitted as soon as enough slots are free, so prefill and decode interleave (continuous batching).
+Admission ("prefill once per prompt"): a prompt is admitted only when all of its n samples get a slot (S - B >= n)
+and a prompt group is free. Admitted prompts are prefilled together as one right-padded batch (at most
+`prefill_tokens` padded tokens, at least one prompt), each into its group; the padded length is rounded up to a
+multiple of 64, which bounds the number of distinct prefill shapes (on CPU oneDNN keeps one kernel per matmul shape,
+so freely varying shapes make memory grow). The n first tokens of a prompt are sampled from the one prefill's
+last-position logits; lm_head runs only on those last positions. Queued prompts are admitted as soon as enough slots
+and a group are free, so prefill and decode interleave (continuous batching).
 
 Decode: one model call per step for exactly the active rows (finished rows are compacted away at once). Per step
 the only host transfer is the `done.any()` check; sampled tokens and log-probs are written into device buffers and
@@ -50,6 +58,11 @@ import torch
 import torch.nn.functional as F
 
 from model import KVCache, Transformer
+
+
+def pad64(T: int) -> int:
+    """T rounded up to a multiple of 64: the padded prefill length (bounds the distinct prefill shapes)."""
+    return -(-T // 64) * 64
 
 
 @dataclass
@@ -81,9 +94,11 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------------------------------------
 
-    def _slot_count(self, n_seqs: int, n: int, max_len: int, max_batch: int | None, device, dtype) -> int:
+    def _slot_count(self, n_seqs: int, n: int, prompt_len: int, gen_len: int, max_batch: int | None, device,
+                    dtype) -> int:
         c = self.model.config
-        per_slot = 2 * c.num_hidden_layers * max_len * c.num_key_value_heads * c.head_dim * dtype.itemsize
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
+        per_slot = per_token * (gen_len + -(-prompt_len // n))  # its generated tokens + a 1/n share of its prompt
         budget = self.cache_budget_bytes
         if budget is None:
             budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 4 << 30
@@ -93,8 +108,9 @@ class Sampler:
             raise ValueError(f"max_batch={max_batch} < n={n}: all n samples of a prompt must fit at once "
                              f"(a prompt is prefilled once and its K/V shared by its n slots)")
         if slots < n:
-            raise ValueError(f"the KV cache budget ({budget} bytes) holds {by_budget} sequence(s) of {max_len} "
-                             f"tokens, fewer than n={n}: raise cache_budget_bytes or lower max_new_tokens")
+            raise ValueError(f"the KV cache budget ({budget} bytes) holds {by_budget} sequence(s) of "
+                             f"{prompt_len} + {gen_len} tokens, fewer than n={n}: raise cache_budget_bytes or lower "
+                             f"max_new_tokens")
         if max_batch is None and slots < n_seqs:
             slots -= slots % n
         return slots
@@ -152,11 +168,14 @@ class Sampler:
         model = self.model
         p0 = next(model.parameters())
         device, dtype = p0.device, p0.dtype
-        max_prompt = max(len(p) for p in prompts)
-        max_len = max_prompt + max_new_tokens - 1
-        S = self._slot_count(N, n, max_len, max_batch if max_batch is not None else self.max_batch, device, dtype)
+        Tp = pad64(max(len(p) for p in prompts))
+        Tg = max_new_tokens - 1
+        S = self._slot_count(N, n, Tp, Tg, max_batch if max_batch is not None else self.max_batch, device, dtype)
+        G = S // n
         self.stats["slots"] = S
-        cache = KVCache.allocate(model.config, S, max_len, device, dtype)
+        cache = KVCache.allocate(model.config, G, Tp, S, Tg, device, dtype)
+        free_groups = list(range(G))  # prompt groups not in use
+        rows_left = [0] * G  # unfinished rows of each group in use
 
         sampling = temperature > 0.0
         if sampling:
@@ -169,8 +188,9 @@ class Sampler:
         out_len = torch.zeros(N, dtype=torch.long, device=device)
         out_stopped = torch.zeros(N, dtype=torch.bool, device=device)
 
-        # Active rows; row i lives in cache slot i. tok: last sampled token (fed next, at position pos);
-        # step: tokens generated so far; seq: index into out.
+        # Active rows; row i lives in cache slot i (its prompt group: cache.group[i]). tok: last sampled token (fed
+        # next, at position pos); step: tokens generated so far (step - 1 of them are in the cache); seq: index into
+        # out.
         empty = torch.zeros(0, dtype=torch.long, device=device)
         tok, pos, step, seq = empty, empty, empty, empty
         next_prompt = 0
@@ -194,6 +214,10 @@ class Sampler:
             bar.update(int((max_new_tokens - d_len).sum()))  # the unused budget of rows that stopped early
             done_l = done.tolist()
             B = len(done_l)
+            for g in cache.group[:B][done].tolist():  # free the groups whose last row finished
+                rows_left[g] -= 1
+                if rows_left[g] == 0:
+                    free_groups.append(g)
             keep = B - sum(done_l)
             holes = [i for i in range(keep) if done_l[i]]
             movers = [i for i in range(keep, B) if not done_l[i]]
@@ -203,20 +227,23 @@ class Sampler:
             if movers:
                 src = torch.tensor(movers, device=device)
                 dst = torch.tensor(holes, device=device)
-                P = int(pos[src].max())  # positions 0..pos-1 are written
-                cache.k[:, dst, :P] = cache.k[:, src, :P]
-                cache.v[:, dst, :P] = cache.v[:, src, :P]
+                P = int(step[src].max()) - 1  # generated entries written: step - 1
+                if P > 0:
+                    cache.k[:, dst, :P] = cache.k[:, src, :P]
+                    cache.v[:, dst, :P] = cache.v[:, src, :P]
+                cache.group[dst] = cache.group[src]
                 self.stats["kv_moves"] += len(movers)
             perm = torch.tensor(perm, dtype=torch.long, device=device)
             tok, pos, step, seq = tok[perm], pos[perm], step[perm], seq[perm]
 
         def admit():
-            """Prefill as many whole prompts as fit (slots for all n samples, prefill token budget)."""
+            """Prefill as many whole prompts as fit (slots for all n samples, a free group, prefill token budget)."""
             nonlocal tok, pos, step, seq, next_prompt
             B = len(tok)
             idx, T = [], 0
-            while next_prompt + len(idx) < len(prompts) and S - B - (len(idx) + 1) * n >= 0:
-                T_new = max(T, len(prompts[next_prompt + len(idx)]))
+            while (next_prompt + len(idx) < len(prompts) and S - B - (len(idx) + 1) * n >= 0
+                   and len(idx) < len(free_groups)):
+                T_new = max(T, pad64(len(prompts[next_prompt + len(idx)])))
                 if idx and T_new * (len(idx) + 1) > self.prefill_tokens:
                     break
                 idx.append(next_prompt + len(idx))
@@ -225,21 +252,21 @@ class Sampler:
                 return
             next_prompt += len(idx)
             k = len(idx)
+            groups = free_groups[:k]
+            del free_groups[:k]
+            for g in groups:
+                rows_left[g] = n
+            groups = torch.tensor(groups, dtype=torch.long, device=device)
+            cache.group[B:B + k * n] = groups.repeat_interleave(n)  # new rows: slots B.., n per prompt
             ids = torch.zeros(k, T, dtype=torch.long)
             for r, i in enumerate(idx):
                 ids[r, :len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.long)
             lens = torch.tensor([len(prompts[i]) for i in idx], dtype=torch.long, device=device)
-            first = B + n * torch.arange(k, device=device)  # each prompt's first slot
-            h = model.hidden(ids.to(device), cache=cache, slots=first, seq_lens=lens)
+            h = model.hidden(ids.to(device), cache=cache, groups=groups, seq_lens=lens)
             logits = model.lm_head(h[torch.arange(k, device=device), lens - 1])  # last real position only
             self.stats["prefill_calls"] += 1
             self.stats["prefill_rows"] += k
             self.stats["prefill_tokens"] += k * T
-            if n > 1:  # share the prompt's K/V with its other n - 1 slots
-                others = (first[:, None] + torch.arange(1, n, device=device)).flatten()
-                src = first.repeat_interleave(n - 1)
-                cache.k[:, others, :T] = cache.k[:, src, :T]
-                cache.v[:, others, :T] = cache.v[:, src, :T]
             new_seq = (torch.tensor(idx, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
             new_step = torch.zeros(k * n, dtype=torch.long, device=device)
             t, done, stopped = sample_and_record(logits.repeat_interleave(n, 0), new_seq, new_step)
@@ -254,7 +281,7 @@ class Sampler:
 
         try:
             while True:
-                while next_prompt < len(prompts) and S - len(tok) >= n:
+                while next_prompt < len(prompts) and S - len(tok) >= n and free_groups:
                     before = next_prompt
                     admit()
                     if next_prompt == before:

@@ -6,8 +6,10 @@ Dispatch (the `backend` argument of both ops):
   "triton" - force the kernel (on CPU only under TRITON_INTERPRET=1, set before triton is imported).
   "torch"  - force the reference.
 
-prefill_attention(q, k, v, seq_lens, scale=None, backend="auto")                   causal GQA over padded rows
-decode_attention(q, k_cache, v_cache, slots, seq_lens, scale=None, backend="auto")  one token vs its KV cache slot
+prefill_attention(q, k, v, seq_lens, scale=None, backend="auto")
+    causal GQA over right-padded rows
+decode_attention(q, k_prompt, v_prompt, prompt_lens, groups, k_gen, v_gen, slots, gen_lens, scale=None, backend="auto")
+    one new token per row vs its prompt group's shared prompt K/V followed by its own generated K/V
 """
 from .decode_attention import decode_attention, decode_attention_ref
 from .prefill_attention import prefill_attention, prefill_attention_ref
