@@ -479,47 +479,39 @@ class Teacher:
         col = hungarian(s)
         best = s.argmax(1)
         owner = {int(j): i for i, j in enumerate(col)}
-        if order == "cell":
-            return self._cell_order_trace(p, col, best, owner)
-        second = np.array([np.max(np.delete(s[i], col[i])) if p.n > 1 else 0.0 for i in range(p.n)])
-        margin = s[np.arange(p.n), col] - second
-        free, done, lines = list(p.candidates), set(), []
+        visit = list(range(p.n)) if order == "cell" else self._confidence_order(s, col, best, owner)
+        free, placed, lines = list(p.candidates), set(), []
         sep = "; " if any("," in c for c in free) else ", "   # released names can hold commas
-        while len(done) < p.n:
-            ready = [i for i in range(p.n) if i not in done and (best[i] == col[i] or owner[int(best[i])] in done)]
-            pool = ready or [i for i in range(p.n) if i not in done]   # fallback for exact ties only
-            i = max(pool, key=lambda i: (margin[i], -i))
+        for i in visit:
             t = p.candidates[col[i]]
             line = f"Cell {i + 1}: "
-            if best[i] != col[i] and owner[int(best[i])] in done:
+            k = owner[int(best[i])]
+            if best[i] != col[i] and (order == "cell" or k in placed):
                 a = p.candidates[best[i]]
-                line += f"{', '.join(self.markers(p.cells[i], a))} -> {a}, taken by cell {owner[int(best[i])] + 1}; "
+                why = f"but cell {k + 1} fits it better" if order == "cell" else f"taken by cell {k + 1}"
+                line += f"{', '.join(self.markers(p.cells[i], a))} -> {a}, {why}; "
             line += f"{', '.join(self.markers(p.cells[i], t))} -> {t}."
             free.remove(t)
-            done.add(i)
+            placed.add(i)
             if free:
                 line += f" Left: {sep.join(free)}"
             lines.append(line)
         types = [p.candidates[j] for j in col]
         return render_completion("\n".join(lines), types), types
 
-    def _cell_order_trace(self, p: Puzzle, col, best, owner) -> tuple[str, list[str]]:
-        free, lines = list(p.candidates), []
-        sep = "; " if any("," in c for c in free) else ", "
-        for i in range(p.n):
-            t = p.candidates[col[i]]
-            line = f"Cell {i + 1}: "
-            if best[i] != col[i]:
-                a = p.candidates[best[i]]
-                line += f"{', '.join(self.markers(p.cells[i], a))} -> {a}, but cell {owner[int(best[i])] + 1} fits " \
-                        f"it better; "
-            line += f"{', '.join(self.markers(p.cells[i], t))} -> {t}."
-            free.remove(t)
-            if free:
-                line += f" Left: {sep.join(free)}"
-            lines.append(line)
-        types = [p.candidates[j] for j in col]
-        return render_completion("\n".join(lines), types), types
+    @staticmethod
+    def _confidence_order(s, col, best, owner) -> list[int]:
+        """Most confident (largest margin over the runner-up) first; a cell whose best type belongs to another cell
+        waits until that cell is placed."""
+        n = len(col)
+        second = np.array([np.max(np.delete(s[i], col[i])) if n > 1 else 0.0 for i in range(n)])
+        margin = s[np.arange(n), col] - second
+        done: list[int] = []
+        while len(done) < n:
+            ready = [i for i in range(n) if i not in done and (best[i] == col[i] or owner[int(best[i])] in done)]
+            pool = ready or [i for i in range(n) if i not in done]   # fallback for exact ties only
+            done.append(max(pool, key=lambda i: (margin[i], -i)))
+        return done
 
     def accepted_trace(self, p: Puzzle, order: str = "confidence") -> str | None:
         """The trace if its answer is fully correct (the paper's rejection rule), else None."""
