@@ -39,7 +39,7 @@ from tqdm import tqdm
 import data
 import reward
 from model import ModelConfig, Transformer, encode_chat, load_tokenizer, save_pretrained, stop_token_ids
-from sampler import Sampler
+from sampler import Sampler, pad64
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The CPU default: a 3.7M-parameter Qwen2 trained from scratch with the committed BPE tokenizer (assets/).
@@ -266,13 +266,13 @@ def tokenize(tok, p: data.Puzzle, completion: str, end_id: int, max_len: int, wh
     return ids, len(prompt)
 
 
-def collate(batch: list[tuple[list[int], int]], device, bucket: int = 64):
+def collate(batch: list[tuple[list[int], int]], device):
     """Right-padded inputs x (B, T), targets y (B, T) and `sel`, the (B, T) bool mask of positions that go through
     lm_head. y is -100 (ignored) except where the *next* token is a completion token (the end id included): the
     loss positions come from lengths, never from a pad id. T and the number of selected positions are rounded up to
-    multiples of `bucket` (extra prompt positions, ignored by the loss): on CPU, oneDNN caches a kernel per matmul
-    shape and memory grows without bound when every micro-batch has a new shape."""
-    T = -(-max(len(ids) for ids, _ in batch) // bucket) * bucket
+    multiples of 64 by `pad64` (extra prompt positions, ignored by the loss): on CPU, oneDNN caches a kernel per
+    matmul shape and memory grows without bound when every micro-batch has a new shape."""
+    T = pad64(max(len(ids) for ids, _ in batch))
     x = torch.zeros(len(batch), T, dtype=torch.long)
     y = torch.full((len(batch), T), -100, dtype=torch.long)
     sel = torch.zeros(len(batch), T, dtype=torch.bool)
@@ -280,7 +280,7 @@ def collate(batch: list[tuple[list[int], int]], device, bucket: int = 64):
         x[b, :len(ids)] = torch.tensor(ids)
         y[b, n_prompt - 1:len(ids) - 1] = torch.tensor(ids[n_prompt:])  # predicts completion tokens 0..end
         sel[b, n_prompt - 1:len(ids) - 1] = True
-    extra = -int(sel.sum()) % bucket
+    extra = pad64(int(sel.sum())) - int(sel.sum())
     prompt_pos = ((~sel) & (torch.arange(T) < torch.tensor([n - 1 for _, n in batch])[:, None])).nonzero()
     sel[prompt_pos[:extra, 0], prompt_pos[:extra, 1]] = True
     return x.to(device), y.to(device), sel.to(device)
