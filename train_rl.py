@@ -1,9 +1,683 @@
-"""GRPO with the paper's batch-level reward on FSDP2 (Cell-o1's second stage). Not written yet: issue 6 fills it.
+"""GRPO with the authors' reward on FSDP2 (Cell-o1's second stage), hand-written, resumable, same launch as SFT.
 
-It will hold, readable top to bottom: draw prompts -> rollouts with `sampler.Sampler` on the current weights (synced
-by `train_sft.sync_weights` every step) -> `reward.score` -> group advantages -> clipped policy loss with a k3 KL to
-the frozen start model over micro-batches -> one optimizer step per rollout batch -> metrics, evaluation and atomic
-checkpoints, with the launch, model, data and checkpoint conventions of train_sft.py. Reference recipe (notes, section
-4.2): n=5 samples per prompt, 64 prompts per step, temperature 1.0, lr 1e-6, clip 0.2, KL coefficient 0.001, entropy 0,
-token-mean loss.
+    python train_rl.py --model runs/sft/model                  # the tiny SFT model on embedded PBMC puzzles (CPU)
+    torchrun --nproc_per_node 8 train_rl.py --model runs/sft/model --data ncbi/CellPuzzles --out runs/rl
+
+One step (`grpo_step`), top to bottom:
+  1. prompts: step s uses prompts s*P .. s*P+P-1 of the run (P = --prompts-per-step); prompt i is a pure function
+     of (seed, i) (a fresh embedded puzzle, or a file row in a seeded per-epoch order, epochs wrapping forever), so
+     resuming needs only the step. Rank r takes a contiguous share; the n samples of a prompt (its group) stay there;
+  2. rollouts: the trained weights are copied into a plain inference model every step (`sync_weights`: no stale
+     copy) and `Sampler` draws n samples per prompt at --temperature. One generate call covers the prompts of one
+     --rollout-chunk and is seeded from (seed, step, its first prompt), so the samples are the same for any number of
+     ranks whose share is a multiple of the chunk. A completion ends at the first of any stop id, which stays in it;
+  3. rewards: `reward.score` of the decoded text (special tokens skipped) against the gold answer;
+  4. advantages (`group_advantages`): (r - mean_group) / (std_group + 1e-6), unbiased std as verl, or r - mean_group
+     (Dr. GRPO, --no-adv-std-norm); a group whose rewards are all equal gets exactly 0, and is left out of the loss
+     with --drop-equal-groups (DAPO's dynamic sampling, without refilling);
+  5. loss per completion token (`token_loss`): -min(ratio A, clip(ratio, 1-low, 1+high) A) [x the truncated importance
+     weight] + kl_coef KL(pi||ref) - entropy_coef H(pi), ratio = pi / pi_old, aggregated over the global mini-batch
+     (`aggregate`); the rollout batch is split into --mini-batches, each one optimizer step, for --ppo-epochs.
+Facts this file implements:
+  - trainer log-probs are log_softmax(logits / T) at the sampling temperature (scoring at T = 1 while sampling at
+    T = 0.7 was a bug TRL and verl shipped), computed only at completion positions (`logits_at`) and in row chunks,
+    so no (tokens x vocab) log_softmax of a whole batch exists at once (`token_logprobs_and_entropy`);
+  - the stop token is in the loss with the rest of the completion: the model must learn to stop. Nothing after the
+    first stop id is ever trained on (`trim_at_stop`); the loss mask comes from lengths, never from a pad id;
+  - pi_old is the trainer's own log-prob before any update of the step: a no-grad pass when there is more than one
+    update per rollout batch, else the detached log-prob of the loss pass itself. Either way the first update's
+    ratio is 1 (on policy); the sampler's log-probs serve only for the logged gap and --tis-cap;
+  - token-mean / seq-mean / constant normalisers count the *global* mini-batch (all micro-batches, all ranks,
+    counted by all_reduce first), and FSDP2's gradient average is undone by x world: 1 micro-batch == k
+    micro-batches, 1 rank == N ranks. Mini-batch m holds the groups g with g % M == m, whatever the rank count;
+  - the reference model (the frozen start model) exists only when --kl-coef > 0;
+  - a non-finite loss or gradient norm skips the optimizer step; --max-bad-steps bad steps in a row stop the run;
+    a checkpoint is never written from non-finite weights.
+Reference recipe (notes, section 4.2) = the defaults for a real model: n 5, 64 prompts per step, T 1.0, lr 1e-6
+constant, clip 0.2, k3 KL coefficient 0.001, entropy 0, token-mean, one optimizer step per rollout batch. A model
+under 100M parameters (the tiny CPU default) gets 16 prompts x n 8, lr 2e-4, no KL, 512 new tokens (`resolve_defaults`).
 """
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import data
+import reward
+from model import Transformer, encode_chat, load_tokenizer, stop_token_ids
+from sampler import Sampler, pad64
+from train_sft import (SHORT_SYSTEM, Log, autocast, build_model, eval_line, eval_puzzles, evaluate, init_distributed,
+                       load_checkpoint, lr_at, messages, prepare_run_dir, save_checkpoint, shard, sync_weights,
+                       tokenizer_source)
+
+RL_STREAM = 1  # mixed into the embedded prompt seed: RL prompt i is not SFT example i of the same --seed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The math, as small pure functions
+
+def group_advantages(rewards: torch.Tensor, std_norm: bool = True, eps: float = 1e-6):
+    """rewards (G, n) -> (advantages (G, n) fp32, equal (G,) bool). A group whose rewards are all equal (to 1e-6, or
+    n == 1) gets exactly 0: r - mean is not exactly 0 in floating point, and a tiny std would blow it up."""
+    r = rewards.double()
+    equal = (r.amax(1) - r.amin(1)) <= 1e-6 if r.shape[1] > 1 else torch.ones(len(r), dtype=torch.bool)
+    adv = r - r.mean(1, keepdim=True)
+    if std_norm and r.shape[1] > 1:
+        adv = adv / (r.std(1, keepdim=True) + eps)  # unbiased std, as verl's GRPO
+    return torch.where(equal[:, None], 0.0, adv).float(), equal
+
+
+def policy_loss(logp, old_logp, adv, clip_low: float, clip_high: float, tis=None):
+    """PPO's clipped surrogate per token: -min(ratio A, clip(ratio, 1 - low, 1 + high) A) (DAPO's clip-higher when
+    high > low), times the detached truncated importance weight `tis` when given. -> (loss, ratio, clipped mask)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    return (loss if tis is None else loss * tis), ratio.detach(), (clipped > unclipped).detach()
+
+
+def tis_weights(old_logp, sampler_logp, cap: float):
+    """Truncated importance sampling: min(pi_old / pi_sampler, cap), detached. Corrects for the sampler's numerics
+    differing from the trainer's (bf16 copy, other kernels): 1 where they agree."""
+    return torch.exp(old_logp - sampler_logp).clamp(max=cap).detach()
+
+
+def kl_terms(logp, ref_logp, estimator: str):
+    """Per-token estimate of KL(pi || ref) on tokens sampled from pi. k1 = logp - ref (unbiased, but as a loss its
+    expected gradient is 0); k3 = exp(ref - logp) - (ref - logp) - 1 (>= 0, low variance; verl's low_var_kl, clamped
+    as there; as a loss its expected gradient is that of KL(ref || pi))."""
+    if estimator == "k1":
+        return logp - ref_logp
+    d = (ref_logp - logp).clamp(-20, 20)
+    return (d.exp() - d - 1).clamp(-10, 10)
+
+
+def token_loss(logp, old_logp, adv, args, ref_logp=None, entropy=None, tis=None):
+    """The per-token loss of the module docstring. -> (loss, ratio, clipped, kl or None)."""
+    loss, ratio, clipped = policy_loss(logp, old_logp, adv, args.clip_low, args.clip_high, tis)
+    kl = kl_terms(logp, ref_logp, args.kl_estimator) if ref_logp is not None else None
+    if args.kl_coef:
+        loss = loss + args.kl_coef * kl
+    if args.entropy_coef:
+        loss = loss - args.entropy_coef * entropy
+    return loss, ratio, clipped, kl
+
+
+def aggregate(values, seq_len, mode: str, n_tokens: float, n_seqs: float, constant: float | None = None):
+    """Sum of per-token `values` with weights that make the loss of the whole mini-batch: token-mean 1 / n_tokens;
+    seq-mean 1 / (own sequence length * n_seqs) (mean within a sequence, then over sequences); constant 1 / constant
+    (Dr. GRPO; default n_seqs * max_new_tokens, set by the caller). seq_len 0 marks filler positions (weight 0).
+    n_tokens and n_seqs count the global mini-batch, so splitting it into micro-batches or ranks changes nothing."""
+    if mode == "token-mean":
+        w = torch.full_like(values, 1.0 / n_tokens)
+    elif mode == "seq-mean":
+        w = 1.0 / (seq_len.clamp(min=1) * n_seqs)
+    elif mode == "constant":
+        w = torch.full_like(values, 1.0 / constant)
+    else:
+        raise ValueError(f"unknown --loss-agg {mode!r}")
+    return (values * torch.where(seq_len > 0, w, 0.0)).sum()
+
+
+def _logprob_entropy(logits, targets, temperature: float):
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, -1)
+    logp = z.gather(-1, targets[:, None])[:, 0] - lse
+    entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
+    return logp, entropy
+
+
+def token_logprobs_and_entropy(logits, targets, temperature: float, chunk: int = 512):
+    """logits (K, V) -> (log_softmax(logits / T)[targets] (K,), entropy of softmax(logits / T) (K,)), fp32, `chunk`
+    rows at a time. With gradients each chunk is checkpointed: backward keeps only the logits and recomputes the
+    chunk's fp32 softmax, so a 152k vocabulary costs one chunk of fp32 at a time, never K x V of it."""
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    parts = [checkpoint(_logprob_entropy, logits[i:i + chunk], targets[i:i + chunk], temperature, use_reentrant=False)
+             if grad else _logprob_entropy(logits[i:i + chunk], targets[i:i + chunk], temperature)
+             for i in range(0, len(targets), chunk)] or [_logprob_entropy(logits, targets, temperature)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rollouts and micro-batches
+
+@dataclass
+class Rollout:
+    group: int              # global prompt index: the group of the n samples of one prompt
+    prompt: list[int]
+    tokens: list[int]       # generated ids up to and including the first stop id (if one was hit)
+    logprobs: list[float]   # the sampler's log_softmax(logits / T) of each token
+    finished: bool          # ended on a stop id
+    reward: float = 0.0
+    advantage: float = 0.0
+
+
+def trim_at_stop(tokens: list[int], logprobs: list[float], stop_ids) -> tuple[list[int], list[float], bool]:
+    """Cut after the first stop id (kept: the model learns to stop); -> (tokens, logprobs, finished)."""
+    for k, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:k + 1], logprobs[:k + 1], True
+    return tokens, logprobs, False
+
+
+def rollout_seed(seed: int, step: int, first_prompt: int) -> int:
+    return int(np.random.default_rng([seed, step, first_prompt]).integers(2 ** 62))
+
+
+def generate_rollouts(infer, prompts, args, step: int, stop_ids) -> list[Rollout]:
+    """prompts: [(global index, ids, payload)], contiguous indices. One generate call per --rollout-chunk piece."""
+    out, stops, i = [], set(stop_ids), 0
+    while i < len(prompts):
+        j = i + 1
+        while j < len(prompts) and prompts[j][0] // args.rollout_chunk == prompts[i][0] // args.rollout_chunk:
+            j += 1
+        piece = prompts[i:j]
+        comps = Sampler(infer).generate([ids for _, ids, _ in piece], n=args.n, max_new_tokens=args.max_new_tokens,
+                                        temperature=args.temperature, stop_token_ids=stop_ids,
+                                        seed=rollout_seed(args.seed, step, piece[0][0]), progress=False)
+        for c in comps:
+            g, ids, _ = piece[c.prompt_index]
+            out.append(Rollout(g, ids, *trim_at_stop(c.tokens, c.logprobs, stops)))
+        i = j
+    return out
+
+
+@dataclass
+class Micro:
+    """A right-padded micro-batch (every row starts at position 0, so positions are per row by construction). The
+    per-token tensors (K,) follow the row-major order of `sel`, the positions whose next token is a completion token
+    (plus filler positions with seq_len 0, see `collate`)."""
+    x: torch.Tensor           # (B, T) token ids
+    sel: torch.Tensor         # (B, T) bool
+    targets: torch.Tensor     # (K,) the token each selected position predicts
+    seq_len: torch.Tensor     # (K,) completion length of the token's row; 0: filler (weight 0)
+    adv: torch.Tensor         # (K,)
+    sampler_lp: torch.Tensor  # (K,)
+    row: torch.Tensor         # (K,) row of the token in x
+    old: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+
+
+def collate(rows: list[Rollout], device, dummy: bool = False) -> Micro:
+    """T and K (selected positions) are rounded up to multiples of 64 with `pad64`, as train_sft.collate: on CPU
+    oneDNN caches a kernel per matmul shape. The extra positions get seq_len 0 and so weight 0 in the loss.
+    `dummy`: an all-filler micro-batch for a rank with fewer micro-batches than another (FSDP2 needs every rank to
+    run the same forwards and backwards)."""
+    B, T = len(rows), pad64(max(len(r.prompt) + len(r.tokens) for r in rows))
+    x = torch.zeros(B, T, dtype=torch.long)
+    tgt = torch.zeros(B, T, dtype=torch.long)
+    sel = torch.zeros(B, T, dtype=torch.bool)
+    seq_len, adv, lp = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
+    for b, r in enumerate(rows):
+        ids, s = r.prompt + r.tokens, len(r.prompt) - 1
+        x[b, :len(ids)] = torch.tensor(ids)
+        sel[b, s:len(ids) - 1] = True  # position t predicts token t + 1: the last prompt token predicts the first
+        tgt[b, s:len(ids) - 1] = torch.tensor(r.tokens)
+        seq_len[b, s:len(ids) - 1] = 0 if dummy else len(r.tokens)
+        adv[b, s:len(ids) - 1] = r.advantage
+        lp[b, s:len(ids) - 1] = torch.tensor(r.logprobs)
+    k = int(sel.sum())
+    free = (~sel & (torch.arange(T) < T - 1)).nonzero()[:pad64(k) - k]
+    sel[free[:, 0], free[:, 1]] = True
+    tgt[free[:, 0], free[:, 1]] = x[free[:, 0], free[:, 1] + 1]
+    row = torch.arange(B)[:, None].expand(B, T)
+    return Micro(x.to(device), sel.to(device), *(t[sel].to(device) for t in (tgt, seq_len, adv, lp, row)))
+
+
+def amp(device, precision: str):
+    return autocast(device) if precision == "bf16" else nullcontext()
+
+
+def micro_logprobs(model, m: Micro, args):
+    """Trainer log-probs and entropies (K,) of a micro-batch at the sampling temperature."""
+    with amp(m.x.device, args.precision):
+        logits = model(m.x, logits_at=m.sel)  # lm_head only at the selected positions
+    return token_logprobs_and_entropy(logits, m.targets, args.temperature, args.logprob_chunk)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed bookkeeping (a no-op without a process group, so the step also runs in a plain test process)
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, getattr(dist.ReduceOp, op))
+    return t
+
+
+def finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # an empty min / max (no token) is logged as null
+
+
+class Meter:
+    """Sums, minima and maxima over tokens / rows, reduced over ranks in three all_reduces. The key lists are fixed
+    so every rank reduces the same vectors, even one that saw no token."""
+    SUMS = ("tokens", "ratio", "clipped", "kl", "entropy", "gap", "gap_tokens")
+    MINS = ("ratio_min",)
+    MAXS = ("ratio_max", "gap_max")
+
+    def __init__(self):
+        self.v = {k: 0.0 for k in self.SUMS} | {k: math.inf for k in self.MINS} | {k: -math.inf for k in self.MAXS}
+
+    def add(self, **kw):
+        for k, x in kw.items():
+            x = float(x)
+            self.v[k] = min(self.v[k], x) if k in self.MINS else max(self.v[k], x) if k in self.MAXS else self.v[k] + x
+
+    def reduce(self, device) -> dict:
+        out = {}
+        for keys, op in ((self.SUMS, "SUM"), (self.MINS, "MIN"), (self.MAXS, "MAX")):
+            t = all_reduce(torch.tensor([self.v[k] for k in keys], dtype=torch.float64, device=device), op)
+            out.update(zip(keys, t.tolist()))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One GRPO step
+
+def minibatch_backward(model, micros: list[Micro], args, n_tokens: float, n_seqs: float, meter: Meter,
+                       first_epoch: bool, poison: bool = False) -> float:
+    """Forward + backward of every micro-batch of one mini-batch; returns this rank's share of the loss."""
+    world, total = world_size(), 0.0
+    constant = args.loss_constant or n_seqs * args.max_new_tokens
+    for m in micros:
+        logp, entropy = micro_logprobs(model, m, args)
+        old = m.old if m.old is not None else logp.detach()  # one update per batch: pi_old is the current policy
+        tis = tis_weights(old, m.sampler_lp, args.tis_cap) if args.tis_cap else None
+        per_token, ratio, clipped, kl = token_loss(logp, old, m.adv, args, m.ref, entropy, tis)
+        loss = aggregate(per_token, m.seq_len, args.loss_agg, n_tokens, n_seqs, constant)
+        if poison:  # --inject-nan: a test of the skip logic
+            loss = loss * float("nan")
+        (loss * world).backward()  # FSDP2 averages gradients over ranks; x world makes it the global sum
+        total += loss.item()
+        v = m.seq_len > 0
+        if not v.any():
+            continue
+        meter.add(tokens=v.sum(), ratio=ratio[v].sum(), clipped=clipped[v].sum(), entropy=entropy.detach()[v].sum(),
+                  ratio_min=ratio[v].min(), ratio_max=ratio[v].max(), kl=kl.detach()[v].sum() if kl is not None else 0)
+        if first_epoch:  # the sampler-trainer gap, each token once
+            gap = (old - m.sampler_lp)[v].abs()
+            meter.add(gap=gap.sum(), gap_tokens=v.sum(), gap_max=gap.max())
+    return total
+
+
+def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, stop_ids) -> tuple[dict, list[Rollout]]:
+    """One GRPO step on this rank's `prompts` [(global index, prompt ids, payload)]; reward_fn(payload, tokens) ->
+    float. Every rank must call it (collectives). Returns (the step's metrics, reduced over ranks; this rank's
+    rollouts). Runs without a process group too (1 rank), on a plain or an FSDP2 model."""
+    assert (ref is None) == (args.kl_coef == 0), "a reference model exactly when --kl-coef > 0"
+    device, world = next(model.parameters()).device, world_size()
+    t0 = time.time()
+    sync_weights(model, infer)  # rollouts from the weights being trained
+    rollouts = generate_rollouts(infer, prompts, args, step, stop_ids)
+    payload = {g: p for g, _, p in prompts}
+    for r in rollouts:
+        r.reward = float(reward_fn(payload[r.group], r.tokens))
+    rewards = torch.tensor([r.reward for r in rollouts]).view(len(prompts), args.n)
+    adv, equal = group_advantages(rewards, args.adv_std_norm)
+    for r, a in zip(rollouts, adv.flatten().tolist()):
+        r.advantage = a
+    drop = {prompts[i][0] for i in range(len(prompts)) if args.drop_equal_groups and equal[i]}
+    kept = [r for r in rollouts if r.group not in drop]
+    t_roll = time.time() - t0
+
+    # mini-batch m = groups g with g % M == m (the same split for any rank count), micro-batches of similar lengths
+    M = args.mini_batches
+    minis = []
+    for m in range(M):
+        rows = sorted((r for r in kept if r.group % M == m), key=lambda r: len(r.prompt) + len(r.tokens))
+        minis.append([collate(rows[j:j + args.micro_batch], device) for j in range(0, len(rows), args.micro_batch)])
+    n_micro = all_reduce(torch.tensor([len(x) for x in minis], device=device), "MAX").tolist()
+    dummy = Rollout(-1, [0], [0], [0.0], False)
+    for x, k in zip(minis, n_micro):
+        x += [collate([dummy], device, dummy=True) for _ in range(k - len(x))]
+    # the normalisers: completion tokens and sequences of each global mini-batch
+    counts = all_reduce(torch.tensor([[sum(float((m.seq_len > 0).sum()) for m in x) for x in minis],
+                                      [sum(r.group % M == m for r in kept) for m in range(M)]],
+                                     dtype=torch.float64, device=device))
+    tokens, seqs = counts.tolist()
+
+    if args.ppo_epochs * M > 1 or ref is not None:  # pi_old before any update, and the reference model's log-probs
+        with torch.no_grad():
+            for m in (m for x in minis for m in x):
+                if args.ppo_epochs * M > 1:
+                    m.old = micro_logprobs(model, m, args)[0]
+                if ref is not None:
+                    m.ref = micro_logprobs(ref, m, args)[0]
+
+    updates, total = [], Meter()
+    for epoch in range(args.ppo_epochs):
+        for mi, micros in enumerate(minis):
+            if seqs[mi] == 0:  # every group of this mini-batch dropped, on every rank
+                continue
+            meter = Meter()
+            loss = all_reduce(torch.tensor(minibatch_backward(model, micros, args, tokens[mi], seqs[mi], meter,
+                                                              epoch == 0, (step + 1) in args.inject_nan),
+                                           dtype=torch.float64, device=device)).item()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()
+            ok = math.isfinite(loss) and math.isfinite(gnorm)
+            if ok:  # a non-finite loss or gradient never reaches the weights
+                optim.step()
+            optim.zero_grad(set_to_none=True)
+            u = meter.reduce(device)
+            total.add(**u)
+            updates.append({"loss": loss, "grad_norm": gnorm, "skipped": not ok, "ratio_min": finite(u["ratio_min"]),
+                            "ratio_mean": u["ratio"] / max(u["tokens"], 1.0), "ratio_max": finite(u["ratio_max"])})
+    t_train = time.time() - t0 - t_roll
+
+    s = total.v
+    sums = {"n": len(rollouts), "reward": sum(r.reward for r in rollouts),
+            "reward2": sum(r.reward ** 2 for r in rollouts), "len": sum(len(r.tokens) for r in rollouts),
+            "finished": sum(r.finished for r in rollouts), "adv": float(adv.sum()), "adv2": float((adv ** 2).sum()),
+            "groups": len(prompts), "equal": float(equal.sum()), "dropped": len(drop),
+            "train_tokens": sum(len(r.prompt) + len(r.tokens) for r in kept)}
+    sums = dict(zip(sums, all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=device)).tolist()))
+    maxs = {"len": max(len(r.tokens) for r in rollouts), "adv": float(adv.max()), "-adv": float(-adv.min()),
+            "rollout_s": t_roll}
+    maxs = dict(zip(maxs, all_reduce(torch.tensor(list(maxs.values()), dtype=torch.float64, device=device),
+                                     "MAX").tolist()))
+    N, n_tok = sums["n"], max(s["tokens"], 1.0)
+    std = lambda k: math.sqrt(max(sums[k + "2"] / N - (sums[k] / N) ** 2, 0.0))  # noqa: E731
+    done = [u for u in updates if not u["skipped"]]
+    rec = {"reward_mean": sums["reward"] / N, "reward_std": std("reward"), "adv_mean": sums["adv"] / N,
+           "adv_std": std("adv"),
+           "adv_min": -maxs["-adv"], "adv_max": maxs["adv"], "len_mean": sums["len"] / N, "len_max": int(maxs["len"]),
+           "finished": sums["finished"] / N, "groups": int(sums["groups"]), "groups_equal": int(sums["equal"]),
+           "groups_dropped": int(sums["dropped"]), "kl": s["kl"] / n_tok if ref is not None else None,
+           "entropy": s["entropy"] / n_tok, "ratio_min": finite(s["ratio_min"]), "ratio_mean": s["ratio"] / n_tok,
+           "ratio_max": finite(s["ratio_max"]), "clip_frac": s["clipped"] / n_tok,
+           "gap_mean": s["gap"] / max(s["gap_tokens"], 1.0), "gap_max": finite(s["gap_max"]),
+           "loss": sum(u["loss"] for u in done) / max(len(done), 1),
+           "grad_norm": sum(u["grad_norm"] for u in done) / max(len(done), 1),
+           "updates": updates, "skipped": sum(u["skipped"] for u in updates),
+           "rollout_s": maxs["rollout_s"], "train_s": t_train,
+           "gen_tokens_per_s": sums["len"] / max(maxs["rollout_s"], 1e-9),
+           # sequence tokens trained on (all ranks, x ppo epochs) per second of the training phase, pre-passes included
+           "train_tokens_per_s": sums["train_tokens"] * args.ppo_epochs / max(t_train, 1e-9)}
+    return rec, rollouts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data, rewards, the run
+
+class Prompts:
+    """RL prompt i of the run, a pure function of (seed, i): "embedded" -> a fresh augmented puzzle of the embedded
+    PBMC train cells; else the `split` rows of a CellPuzzles file / folder / hub id in a seeded per-epoch order,
+    epochs wrapping forever (a run resumed at an epoch boundary trains on)."""
+
+    def __init__(self, source: str, seed: int, split: str = "train", skip_bad: bool = False):
+        self.seed = seed
+        if source == "embedded":
+            cells = data.embedded()
+            self.sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment,
+                                              data.CPU.p_range)
+            self.n_range = (data.CPU.n_range[0], min(data.CPU.n_range[1], self.sampler.max_n()))
+            self.rows = None
+        else:
+            self.rows, _ = data.load_puzzles(source, split, skip_bad=skip_bad)
+
+    def __len__(self):
+        return len(self.rows) if self.rows is not None else 0  # 0: endless
+
+    def __getitem__(self, i: int) -> data.Puzzle:
+        if self.rows is not None:
+            epoch, j = divmod(i, len(self.rows))
+            return self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[j]]
+        rng = np.random.default_rng([self.seed, RL_STREAM, i])
+        return self.sampler.sample(int(rng.integers(self.n_range[0], self.n_range[1] + 1)), rng)
+
+
+def load_reward_fn(spec: str):
+    """"file.py:name" or "module:name" -> the callable (puzzle, completion text) -> float."""
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        s = importlib.util.spec_from_file_location("custom_reward", where)
+        module = importlib.util.module_from_spec(s)
+        s.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    return getattr(module, name)
+
+
+def puzzle_reward(tok, mode: str, custom=None):
+    """reward_fn for grpo_step: the completion decoded without special tokens (the stop token), scored by
+    reward.score in `mode` (--reward-mode: mixed = (cell accuracy + exact) / 2, batch = exact), or by `custom`."""
+    score = custom or (lambda p, text: reward.score(text, p.answer, mode))
+    return lambda p, tokens: score(p, tok.decode(tokens, skip_special_tokens=True))
+
+
+def sft_system(model: str) -> str:
+    """The system turn a model was trained with, read from its run's checkpoint/meta.json (train_sft.py and this
+    file record their args there; runs/x/model -> runs/x/checkpoint/meta.json), else "released"."""
+    if not os.path.isdir(model):
+        return "released"
+    up = os.path.dirname(os.path.abspath(model.rstrip("/")))
+    for meta in (os.path.join(up, "checkpoint", "meta.json"), os.path.join(up, "meta.json")):
+        if os.path.exists(meta):
+            return json.load(open(meta)).get("args", {}).get("system") or "released"
+    return "released"
+
+
+def steps_list(s: str) -> set[int]:
+    return {int(x) for x in s.split(",") if x.strip()}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    a = p.add_argument
+    a("--model", default="runs/sft/model", help="start model: a HF folder (e.g. an SFT run's model/), a hub id, "
+      "or 'tiny' (random init)")
+    a("--tokenizer", default=None, help="folder with tokenizer.json (default: the model's, or assets/ for tiny)")
+    a("--data", default="embedded", help="'embedded' (fresh PBMC puzzles) or a CellPuzzles file / folder / hub id")
+    a("--split", default="train", help="split of --data to draw prompts from")
+    a("--skip-bad", action="store_true", help="skip malformed rows of --data instead of failing")
+    a("--system", default=None, choices=["released", "short"], help="system turn (default: the one the SFT run "
+      "recorded in its checkpoint/meta.json, else released)")
+    a("--eval-data", default=None, help="held-out puzzles (default: --data's test split / embedded)")
+    a("--out", default="runs/rl", help="run folder: checkpoint/, model/, rl_log.jsonl")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--steps", type=int, default=None, help="RL steps (default: tiny 100, else --epochs over a file dataset)")
+    a("--epochs", type=float, default=20.0, help="epochs over a file dataset when --steps is not given (reference 20)")
+    a("--prompts-per-step", type=int, default=None, help="prompts per step, all ranks (default: tiny 16, else 64)")
+    a("--n", "--group-size", dest="n", type=int, default=None, help="samples per prompt, the GRPO group (default: "
+      "tiny 8, else 5). Under torchrun write --group-size: torchrun's parser takes a bare --n for its own options")
+    a("--temperature", type=float, default=1.0, help="sampling temperature, also the trainer's log-prob temperature")
+    a("--max-new-tokens", type=int, default=None, help="rollout length cap (default: tiny 512, else 3000)")
+    a("--rollout-chunk", type=int, default=8, help="prompts per generate call, seeded by (seed, step, first prompt): "
+      "samples are the same for any rank count whose per-rank share is a multiple of it")
+    a("--reward-mode", default="mixed", choices=reward.MODES, help="mixed: (cell acc + exact) / 2 (released "
+      "default); batch: exact match only (the paper's batch-level reward)")
+    a("--reward-fn", default=None, help="'file.py:name' or 'module:name', a (puzzle, text) -> float used instead of "
+      "reward.score (experiments, tests)")
+    a("--adv-std-norm", action=argparse.BooleanOptionalAction, default=True,
+      help="divide advantages by the group std (GRPO); --no-adv-std-norm: Dr. GRPO")
+    a("--drop-equal-groups", action="store_true", help="leave groups with all-equal rewards out of the loss (DAPO)")
+    a("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean", "constant"],
+      help="token-mean over the global mini-batch (reference), mean of per-sequence means, or sum / constant")
+    a("--loss-constant", type=float, default=None, help="the constant of --loss-agg constant (default: sequences x "
+      "--max-new-tokens, Dr. GRPO)")
+    a("--clip-low", type=float, default=0.2, help="ratio clip below: 1 - clip_low")
+    a("--clip-high", type=float, default=0.2, help="ratio clip above: 1 + clip_high (DAPO clip-higher: > clip-low)")
+    a("--kl-coef", type=float, default=None, help="KL(pi||ref) weight in the loss; 0: no reference model at all "
+      "(default: tiny 0, else 0.001)")
+    a("--kl-estimator", default="k3", choices=["k1", "k3"], help="per-token KL estimate (k3 = verl's low_var_kl)")
+    a("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (reference 0)")
+    a("--tis-cap", type=float, default=None, help="truncated importance sampling: weight each token's policy loss by "
+      "min(pi_old / pi_sampler, cap); off by default")
+    a("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
+    a("--mini-batches", type=int, default=1, help="optimizer steps per pass (the rollout batch split by group)")
+    a("--micro-batch", type=int, default=None, help="sequences per forward per rank (default: tiny 16, else 2)")
+    a("--lr", type=float, default=None, help="learning rate (default: tiny 2e-4, else 1e-6)")
+    a("--warmup", type=int, default=0, help="warmup steps")
+    a("--schedule", default="constant", choices=["constant", "cosine", "linear"], help="lr after warmup")
+    a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (cosine / linear)")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (verl's actor default)")
+    a("--clip", type=float, default=1.0, help="gradient clipping max norm")
+    a("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16: rollouts from a bf16 copy, CPU training "
+      "under bf16 autocast; fp32: both fp32 (on GPU FSDP2 still computes in bf16)")
+    a("--logprob-chunk", type=int, default=512, help="rows per chunk of the trainer's fp32 log_softmax")
+    a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    a("--max-bad-steps", type=int, default=3, help="stop after this many steps in a row with a non-finite loss/grad")
+    a("--inject-nan", type=steps_list, default=set(), help="testing: comma list of 1-based steps whose loss is NaN")
+    a("--eval-every", type=int, default=None, help="evaluate every k steps and at the end; 0: end only "
+      "(default: tiny 25, else 100)")
+    a("--eval-before", action="store_true", help="also evaluate the start model before the first step")
+    a("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N; default 20 / 200)")
+    a("--eval-max-new-tokens", type=int, default=None, help="evaluation decode budget (default: tiny 512, else 3500)")
+    a("--log-samples", type=int, default=3, help="completions (with rewards) logged at each evaluation")
+    a("--save-every", type=int, default=None, help="checkpoint every k steps and at the end (default: tiny 25, "
+      "else 100)")
+    a("--seed", type=int, default=0, help="seed for prompts, data order and sampling")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def resolve_defaults(args, tiny: bool):
+    """Fill the defaults left None: the tiny-model column (a model under 100M parameters, i.e. the CPU default) or
+    the reference recipe's."""
+    for k, t, real in [("prompts_per_step", 16, 64), ("n", 8, 5), ("max_new_tokens", 512, 3000), ("kl_coef", 0.0, 1e-3),
+                       ("micro_batch", 16, 2), ("lr", 2e-4, 1e-6), ("eval_every", 25, 100), ("eval_puzzles", 20, 200),
+                       ("eval_max_new_tokens", 512, 3500), ("save_every", 25, 100)]:
+        if getattr(args, k) is None:
+            setattr(args, k, t if tiny else real)
+    if args.temperature <= 0:
+        raise SystemExit("--temperature must be > 0 (GRPO samples; evaluation is greedy)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed()
+    tok_dir = tokenizer_source(args.model, args.tokenizer)
+    tok = load_tokenizer(tok_dir)
+    start = prepare_run_dir(args.out, args.resume, "rl_log.jsonl")
+    model, model_dir = build_model(args.model, tok, device, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    resolve_defaults(args, tiny=n_params < 100e6)
+    args.system = args.system or sft_system(args.model)
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the ranks ({world})")
+    prompts = Prompts(args.data, args.seed, args.split, args.skip_bad)
+    steps = args.steps or (max(1, int(args.epochs * len(prompts)) // args.prompts_per_step) if len(prompts) else 100)
+    model.grad_checkpointing = args.grad_checkpointing
+    with torch.device("meta"):  # the sampler's plain copy, filled by sync_weights before every generation
+        infer = Transformer(model.config)
+    infer = infer.to_empty(device=device).to(torch.bfloat16 if args.precision == "bf16" else torch.float32).eval()
+    infer.tie_weights()
+    ref = None
+    if args.kl_coef > 0:  # the frozen start model; never built when the KL is off
+        ref = shard(build_model(args.model, tok, device, args.seed)[0].requires_grad_(False), device).eval()
+    shard(model, device)
+    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if start:
+        load_checkpoint(args.out, model, optim)
+    eval_set = eval_puzzles(args.eval_data or ("embedded" if args.data == "embedded" else args.data),
+                            args.eval_puzzles, args.seed + 1)
+    system = SHORT_SYSTEM if args.system == "short" else None
+    custom = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    reward_fn = puzzle_reward(tok, args.reward_mode, custom)
+    score = custom or (lambda p, text: reward.score(text, p.answer, args.reward_mode))
+    stops = stop_token_ids(tok, model_dir)
+    log = Log(os.path.join(args.out, "rl_log.jsonl"))
+    per_rank = args.prompts_per_step // world
+    if rank == 0:
+        print(f"GRPO: {n_params / 1e6:.1f}M params, {world} rank(s) on {device}, steps {start}->{steps}, "
+              f"{args.prompts_per_step} prompts x n={args.n}, T={args.temperature}, lr {args.lr:g}, "
+              f"kl {args.kl_coef:g}, system {args.system}, data {args.data}, eval {len(eval_set)} puzzles, "
+              f"out {args.out}")
+
+    def run_eval(step):
+        sync_weights(model, infer)
+        m, texts = evaluate(infer, tok, eval_set, args.eval_max_new_tokens, progress=False, system=system)
+        pick = list(range(0, len(eval_set), max(1, len(eval_set) // max(args.log_samples, 1))))[:args.log_samples]
+        samples = [{"reward": score(eval_set[i], texts[i]), "answer": eval_set[i].answer, "completion": texts[i]}
+                   for i in pick]
+        log({"step": step, "eval": m, "samples": samples}, f"step {step} {eval_line(m)}" + "".join(
+            f"\n  reward {s['reward']:+.2f} | {s['completion'][:160]!r}" for s in samples))
+
+    if args.eval_before and start == 0:
+        run_eval(0)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="rl", disable=rank != 0 or args.no_progress)
+    bad, failed = 0, None
+    for step in bar:
+        lr = lr_at(step, steps, args.lr, args.warmup, args.schedule, args.min_lr_ratio)
+        for g in optim.param_groups:
+            g["lr"] = lr
+        first = step * args.prompts_per_step + rank * per_rank  # this rank's contiguous share of the step's prompts
+        mine = [(i, encode_chat(tok, messages(prompts[i], system), True), prompts[i])
+                for i in range(first, first + per_rank)]
+        rec, rollouts = grpo_step(model, infer, ref, optim, mine, reward_fn, args, step, stops)
+        # the rollouts' task metrics (reward.metrics: micro-averaged cell accuracy, exact match, format), all ranks
+        texts = [tok.decode(r.tokens, skip_special_tokens=True) for r in rollouts]
+        gold = [prompts[r.group].answer for r in rollouts]
+        m = reward.metrics(texts, gold, [len(r.tokens) for r in rollouts])
+        cells = sum(len(reward.split_items(a)) for a in gold)
+        t = all_reduce(torch.tensor([m["count"], m["cell_acc"] * cells, cells, m["batch_acc"] * m["count"],
+                                     m["format_rate"] * m["count"]], dtype=torch.float64, device=device)).tolist()
+        updates = rec.pop("updates")
+        rec = {"step": step + 1, "lr": lr, "cell_acc": t[1] / t[2], "batch_acc": t[3] / t[0],
+               "format_rate": t[4] / t[0], **rec, "sample": {"reward": rollouts[0].reward, "completion": texts[0]}}
+        if len(updates) > 1:
+            rec["updates"] = updates
+        kl = f"kl {rec['kl']:.4f} | " if rec["kl"] is not None else ""
+        log(rec, f"step {step + 1}/{steps} | reward {rec['reward_mean']:+.3f}±{rec['reward_std']:.2f} | cell "
+                 f"{rec['cell_acc']:.3f} batch {rec['batch_acc']:.3f} fmt {rec['format_rate']:.2f} | {kl}clip "
+                 f"{rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | len {rec['len_mean']:.0f}/{rec['len_max']} | "
+                 f"gap {rec['gap_mean']:.1e}/{rec['gap_max'] or 0:.1e} | gnorm {rec['grad_norm']:.3f} | dropped "
+                 f"{rec['groups_dropped']} | roll {rec['rollout_s']:.1f}s train {rec['train_s']:.1f}s"
+                 + (f" | SKIPPED {rec['skipped']} non-finite update(s)" if rec["skipped"] else ""))
+        bad = bad + 1 if rec["skipped"] else 0
+        if bad >= args.max_bad_steps:
+            failed = (f"stopping: {bad} steps in a row with a non-finite loss or gradient (last at step {step + 1}); "
+                      f"the last checkpoint holds the last finite weights. Lower --lr or check the data.")
+            break
+        done = step + 1 == steps
+        if args.eval_every and (step + 1) % args.eval_every == 0 and not done:
+            run_eval(step + 1)
+        if (step + 1) % args.save_every == 0 or done:
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # this rank's shards
+            if not all_reduce(torch.tensor([float(all(t.isfinite().all() for t in local))], device=device),
+                              "MIN").item():
+                failed = f"stopping: non-finite weights after step {step + 1}; no checkpoint written"
+                break
+            save_checkpoint(args.out, model, optim, {"step": step + 1, "args": {**vars(args), "inject_nan":
+                            sorted(args.inject_nan)}}, model_dir or tok_dir)
+    bar.close()
+    if failed is None and (start < steps or not os.path.exists(os.path.join(args.out, "model"))):
+        run_eval(steps)
+        if rank == 0:  # the final model, HF layout (loadable here and by transformers)
+            final = os.path.join(args.out, "model")
+            shutil.rmtree(final + ".tmp", ignore_errors=True)
+            shutil.copytree(os.path.join(args.out, "checkpoint", "model"), final + ".tmp")
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(final + ".tmp", final)
+    dist.barrier()
+    del model, optim, infer, ref  # free before destroy_process_group: a rank sometimes aborts at exit otherwise
+    gc.collect()
+    dist.destroy_process_group()
+    if failed:
+        raise SystemExit(failed)
+
+
+if __name__ == "__main__":
+    main()
