@@ -249,7 +249,7 @@ class PuzzleConfig:
     n_genes: int = 20                           # genes listed per cell (released: 50)
     n_range: tuple[int, int] = (3, 8)           # N drawn uniformly in [lo, hi] (released: 8-15)
     augment: bool = True                        # down-sample train cells afresh for every train puzzle
-    p_range: tuple[float, float] = (0.3, 0.8)   # kept fraction of UMIs, uniform per draw
+    p_range: tuple[float, float] = (0.3, 1.0)   # kept fraction of UMIs, uniform per draw (1: the cell as is)
     test_frac: float = 0.3                      # cells held out per type
     split_seed: int = 0
 
@@ -469,12 +469,14 @@ class Teacher:
         w = [self.weight[self.types.index(t), self.vocab[g]] if g in self.vocab else -math.inf for g in genes]
         return [genes[i] for i in sorted(range(len(genes)), key=lambda i: -w[i])[:k]]
 
-    def trace(self, p: Puzzle, order: str = "confidence") -> tuple[str, list[str]]:
+    def trace(self, p: Puzzle, order: str = "confidence", form: str = "evidence") -> tuple[str, list[str]]:
         """(completion, its types in cell order). order="confidence": cells are resolved most confident first; a
         cell whose best type went to another cell waits until that cell is placed, then its line says so (the
         Hungarian optimum makes these waits acyclic). order="cell": cells 1..N in turn; a cell whose best type
         belongs to another cell says which ("but cell k fits it better") and takes its assigned type. Each line
-        names 2 markers, the type, and the candidates still free."""
+        names 2 markers, the type, and the candidates still free. form="evidence": "markers -> type"; form="type":
+        "type (markers)", the decision first (easier for a small model: one decision per line, then the evidence)."""
+        say = (lambda ms, t: f"{ms} -> {t}") if form == "evidence" else (lambda ms, t: f"{t} ({ms})")
         s = self.scores(p)
         col = hungarian(s)
         best = s.argmax(1)
@@ -489,8 +491,8 @@ class Teacher:
             if best[i] != col[i] and (order == "cell" or k in placed):
                 a = p.candidates[best[i]]
                 why = f"but cell {k + 1} fits it better" if order == "cell" else f"taken by cell {k + 1}"
-                line += f"{', '.join(self.markers(p.cells[i], a))} -> {a}, {why}; "
-            line += f"{', '.join(self.markers(p.cells[i], t))} -> {t}."
+                line += f"{say(', '.join(self.markers(p.cells[i], a)), a)}, {why}; "
+            line += f"{say(', '.join(self.markers(p.cells[i], t)), t)}."
             free.remove(t)
             placed.add(i)
             if free:
@@ -513,9 +515,9 @@ class Teacher:
             done.append(max(pool, key=lambda i: (margin[i], -i)))
         return done
 
-    def accepted_trace(self, p: Puzzle, order: str = "confidence") -> str | None:
+    def accepted_trace(self, p: Puzzle, order: str = "confidence", form: str = "evidence") -> str | None:
         """The trace if its answer is fully correct (the paper's rejection rule), else None."""
-        completion, types = self.trace(p, order)
+        completion, types = self.trace(p, order, form)
         return completion if types == p.gold else None
 
 

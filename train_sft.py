@@ -220,8 +220,8 @@ class Examples:
     traces) or a CellPuzzles file / folder / hub id (its `reasoning` split, every row a full trace)."""
 
     def __init__(self, source: str, seed: int, split: str = "reasoning", skip_bad: bool = False,
-                 trace_order: str = "confidence"):
-        self.seed, self.trace_order = seed, trace_order
+                 trace_order: str = "confidence", ramp: int = 0, trace_form: str = "evidence"):
+        self.seed, self.trace_order, self.ramp, self.trace_form = seed, trace_order, ramp, trace_form
         if source == "embedded":
             cells = data.embedded()
             self.sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment,
@@ -248,9 +248,12 @@ class Examples:
             p = self.rows[order[j]]
             return p, p.assistant
         rng = np.random.default_rng([self.seed, i])
+        lo, hi = self.n_range
+        if self.ramp:  # curriculum: the largest N grows linearly from lo to hi over the first `ramp` examples
+            hi = lo + math.ceil((hi - lo) * min(1.0, i / self.ramp))
         while True:  # rejection sampling, as the paper: keep only traces whose answer is fully correct
-            p = self.sampler.sample(int(rng.integers(self.n_range[0], self.n_range[1] + 1)), rng)
-            trace = self.teacher.accepted_trace(p, self.trace_order)
+            p = self.sampler.sample(int(rng.integers(lo, hi + 1)), rng)
+            trace = self.teacher.accepted_trace(p, self.trace_order, self.trace_form)
             if trace is not None:
                 return p, trace
 
@@ -331,19 +334,24 @@ def parse_args(argv=None):
                    "file / folder / hub id whose reasoning split is used")
     p.add_argument("--split", default="reasoning", help="split of --data to train on")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of failing")
-    p.add_argument("--system", default="released", choices=["released", "short"],
-                   help="system turn: the released instruction, or a one-line one (tiny-model experiment)")
-    p.add_argument("--trace-order", default="confidence", choices=["confidence", "cell"],
+    p.add_argument("--system", default=None, choices=["released", "short"],
+                   help="system turn: the released instruction, or a one-line one (default: tiny short, else released)")
+    p.add_argument("--trace-order", default="cell", choices=["confidence", "cell"],
                    help="embedded teacher traces: resolve cells most confident first, or in cell order")
+    p.add_argument("--trace-form", default="type", choices=["evidence", "type"],
+                   help="embedded teacher traces: 'markers -> type' per cell, or 'type (markers)'")
+    p.add_argument("--curriculum", type=float, default=None, help="embedded data: fraction of the run over which the "
+                   "largest N grows from the smallest to the largest of the range (0: the full range from step 0; default: tiny "
+                   "0.5, else 0)")
     p.add_argument("--eval-data", default=None, help="held-out puzzles (default: --data's test split / embedded)")
     p.add_argument("--out", default="runs/sft", help="run folder: checkpoint/, model/, sft_log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: tiny 300, else 1 epoch)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: tiny 1400, else 1 epoch)")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs over a file dataset when --steps is not given")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch in sequences (default: tiny 32, else 96)")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward per rank (default: tiny 16, "
+    p.add_argument("--batch-size", type=int, default=None, help="global batch in sequences (default: tiny 8, else 96)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward per rank (default: tiny 8, "
                    "else 1)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: tiny 3e-3, else 5e-5)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: tiny 1e-3, else 5e-5)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: tiny 20, else 0)")
     p.add_argument("--schedule", default=None, choices=["cosine", "linear", "constant"],
                    help="decay after warmup (default: tiny cosine, else linear as the reference)")
@@ -352,17 +360,21 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--max-len", type=int, default=4096, help="longest training sequence in tokens (longer is an error)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
-    p.add_argument("--eval-every", type=int, default=100, help="evaluate every k steps (and at the end); 0: end only")
-    p.add_argument("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N; default 20 / 200)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every k steps (and at the end); 0: end only "
+                   "(default: tiny 350, else 100)")
+    p.add_argument("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N; default 10 / 200)")
     p.add_argument("--eval-max-new-tokens", type=int, default=None, help="decode budget (default: tiny 512, else 3500)")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every k steps (and at the end)")
+    p.add_argument("--save-every", type=int, default=175, help="checkpoint every k steps (and at the end)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
-    for k, t, real in [("batch_size", 32, 96), ("micro_batch", 16, 1), ("lr", 3e-3, 5e-5), ("warmup", 20, 0),
-                       ("schedule", "cosine", "linear"), ("weight_decay", 0.1, 0.0), ("eval_puzzles", 20, 200),
-                       ("eval_max_new_tokens", 512, 3500)]:
+    # The tiny column was chosen by measurement (README, "Making the tiny model learn"): small batches and many
+    # optimizer steps, N growing from 3 (curriculum), the one-line system turn.
+    for k, t, real in [("batch_size", 8, 96), ("micro_batch", 8, 1), ("lr", 1e-3, 5e-5), ("warmup", 20, 0),
+                       ("schedule", "cosine", "linear"), ("weight_decay", 0.1, 0.0), ("eval_puzzles", 10, 200),
+                       ("eval_max_new_tokens", 512, 3500), ("steps", 1400, None), ("curriculum", 0.5, 0.0),
+                       ("system", "short", "released"), ("eval_every", 350, 100)]:
         if getattr(args, k) is None:
             setattr(args, k, t if tiny else real)
     return args
@@ -378,13 +390,14 @@ def main(argv=None):
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world})")
     start = prepare_run_dir(args.out, args.resume, "sft_log.jsonl")
-    examples = Examples(args.data, args.seed, args.split, args.skip_bad, args.trace_order)
+    examples = Examples(args.data, args.seed, args.split, args.skip_bad, args.trace_order, trace_form=args.trace_form)
     if args.steps:
         steps = args.steps
     elif len(examples):
         steps = max(1, int(args.epochs * len(examples)) // args.batch_size)
     else:
-        steps = 300  # the embedded stream is endless
+        raise SystemExit("the embedded stream is endless: pass --steps")
+    examples.ramp = int(args.curriculum * steps * args.batch_size)
     model, model_dir = build_model(args.model, tok, device, args.seed)
     model.grad_checkpointing = args.grad_checkpointing
     with torch.device("meta"):  # the sampler's plain bf16 copy, filled by sync_weights before each generation
