@@ -1,0 +1,181 @@
+"""The main job, one command: SFT -> GRPO -> evaluation on the embedded PBMC puzzles, with a results table and a plot.
+
+    python pipeline.py                                   # the CPU default, about 30 minutes on 2 cores
+    python pipeline.py --out runs/batch --rl-args="--reward-mode batch"    # an ablation: compare the results.md
+
+Stages, in order; each is skipped when its output exists, so after Ctrl-C or a kill the same command goes on from
+the last finished stage (SFT and GRPO resume from their last checkpoint, inside the stage):
+  1. baselines.json   random assignment, per-cell marker argmax, the teacher (Hungarian) on the held-out puzzles
+  2. sft/             python train_sft.py --out <run>/sft [--sft-args]
+  3. rl/              python train_rl.py --model <run>/sft/model --out <run>/rl [--rl-args]
+  4. eval_sft.json, eval_rl.json   greedy decoding of each final model on the same held-out puzzles
+  5. results.md, curves.png        the table (per N and overall) and the plot of the RL reward and held-out accuracy
+Every file is written under a temporary name and renamed, so none is ever half-written. The held-out puzzles are
+those of scripts/baselines.py: 50 per N (N = 3..8) from the 30% of cells that no training puzzle uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# GRPO on the CPU default: 30 steps of 16 puzzles x 8 samples (~10 min), held-out evaluation every 10 steps.
+RL_DEFAULT = "--steps 30 --eval-every 10 --eval-puzzles 10"
+# Toy sizes for the pipeline test: every stage runs, each in seconds; the numbers mean nothing.
+TOY_SFT = "--steps 4 --batch-size 4 --micro-batch 4 --eval-every 0 --eval-puzzles 1 --eval-max-new-tokens 8 --save-every 2"
+TOY_RL = ("--steps 2 --prompts-per-step 2 --group-size 2 --max-new-tokens 8 --eval-every 0 --eval-puzzles 1 "
+          "--eval-max-new-tokens 8 --save-every 1")
+
+
+def write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run_stage(name: str, cmd: list[str]) -> None:
+    print(f"\n== {name}: {shlex.join(cmd)}", flush=True)
+    t0 = time.time()
+    rc = subprocess.call(cmd, cwd=ROOT)
+    if rc:
+        raise SystemExit(f"{name} failed (exit {rc}); fix the cause and run the same command again: it resumes")
+    print(f"== {name} done in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def baselines(puzzles) -> dict:
+    """metrics() of the three reference methods, on rendered completions scored like a model's."""
+    import numpy as np
+
+    import data
+    import reward
+    teacher = data.fit_embedded_teacher(data.embedded())
+    rng = np.random.default_rng(0)
+    methods = {"random": lambda p: [p.candidates[j] for j in rng.permutation(p.n)],
+               "per-cell argmax": teacher.argmax, "teacher (Hungarian)": teacher.solve}
+    answers = [p.answer for p in puzzles]
+    return {name: reward.metrics([data.render_completion("", f(p)) for p in puzzles], answers)
+            for name, f in methods.items()}
+
+
+def evaluate_model(model_dir: str, puzzles, max_new_tokens: int) -> dict:
+    """Greedy decoding of a final model (bf16, our sampler) with the system turn its SFT run trained with."""
+    import torch
+
+    import train_sft
+    from model import Transformer, load_tokenizer
+    from train_rl import sft_system
+    if not torch.distributed.is_initialized():
+        train_sft.init_distributed()  # a 1-rank group: evaluate() gathers over ranks
+    system = train_sft.SHORT_SYSTEM if sft_system(model_dir) == "short" else None
+    model = Transformer.from_pretrained(model_dir, "cpu", torch.bfloat16).eval()
+    m, texts = train_sft.evaluate(model, load_tokenizer(model_dir), puzzles, max_new_tokens, True, system)
+    return {"metrics": m, "samples": texts[:5]}
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [json.loads(ln) for ln in open(path)] if os.path.exists(path) else []
+
+
+def plot(run: str, out: str) -> str:
+    """curves.png: SFT held-out accuracy, the RL rollout reward, RL held-out accuracy. matplotlib is optional (the
+    plot's only user): without it the table is still written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: `pip install matplotlib` and run again to draw curves.png"
+    sft, rl = read_jsonl(f"{run}/sft/sft_log.jsonl"), read_jsonl(f"{run}/rl/rl_log.jsonl")
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for title, log, a in [("SFT: held-out (greedy)", sft, ax[0]), ("GRPO: held-out (greedy)", rl, ax[2])]:
+        ev = [r for r in log if "eval" in r]
+        for key in ("cell_acc", "batch_acc", "format_rate"):
+            a.plot([r["step"] for r in ev], [r["eval"][key] for r in ev], marker="o", label=key)
+        a.set(title=title, xlabel="step", ylim=(0, 1.02))
+        a.legend()
+    steps = [r for r in rl if "reward_mean" in r]
+    ax[1].plot([r["step"] for r in steps], [r["reward_mean"] for r in steps], label="mean reward")
+    ax[1].set(title="GRPO: rollout reward", xlabel="step")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out + ".tmp.png", dpi=100)
+    os.replace(out + ".tmp.png", out)
+    return f"![curves]({os.path.basename(out)})"
+
+
+def report(run: str, minutes: float | None) -> str:
+    import reward
+    rows = json.load(open(f"{run}/baselines.json"))
+    rows["SFT"] = json.load(open(f"{run}/eval_sft.json"))["metrics"]
+    rows["SFT + GRPO"] = json.load(open(f"{run}/eval_rl.json"))["metrics"]
+    for name in ("random", "per-cell argmax", "teacher (Hungarian)"):  # rendered answers, no reasoning: no length
+        rows[name] = {**rows[name], "mean_len": 0.0, "by_n": {n: {**m, "mean_len": 0.0} for n, m in
+                                                                 rows[name]["by_n"].items()}}
+    table = reward.format_table(rows, keys=("count", "cell_acc", "batch_acc", "format_rate", "uniqueness", "mean_len"))
+    pic = plot(run, f"{run}/curves.png")
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+    took = f", {minutes:.0f} min wall for this invocation" if minutes else ""
+    return (f"# Results: {run}\n\n{when}, {os.cpu_count()} CPU cores{took}. Held-out puzzles of test cells only; "
+            "greedy decoding. Baseline rows have no reasoning text (mean len 0).\n\n" + table + f"\n\n{pic}\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default="runs/main", help="run folder (created; an existing one is resumed)")
+    ap.add_argument("--sft-args", default="", help="extra flags for train_sft.py, one string")
+    ap.add_argument("--rl-args", default="", help="extra flags for train_rl.py, one string")
+    ap.add_argument("--eval-per-n", type=int, default=50, help="held-out puzzles per N for the final table")
+    ap.add_argument("--eval-max-new-tokens", type=int, default=512, help="decode budget of the final evaluation")
+    ap.add_argument("--toy", action="store_true", help="seconds-long stages (tests): the numbers mean nothing")
+    args = ap.parse_args(argv)
+    run = os.path.abspath(args.out)
+    os.makedirs(run, exist_ok=True)
+    # later flags win (argparse): the defaults, then --toy's sizes, then the user's flags
+    sft_args = shlex.split(TOY_SFT if args.toy else "") + shlex.split(args.sft_args)
+    rl_args = shlex.split(RL_DEFAULT) + shlex.split(TOY_RL if args.toy else "") + shlex.split(args.rl_args)
+    if args.toy:
+        args.eval_per_n, args.eval_max_new_tokens = 1, 8
+    # A run folder belongs to one set of flags: resuming it under other flags would mix two experiments silently.
+    flags = {"sft_args": sft_args, "rl_args": rl_args, "eval_per_n": args.eval_per_n,
+             "eval_max_new_tokens": args.eval_max_new_tokens}
+    if os.path.exists(f"{run}/pipeline.json"):
+        before = json.load(open(f"{run}/pipeline.json"))
+        if before != flags:
+            raise SystemExit(f"{run} was started with other flags ({before}); use another --out or the same flags")
+    write_json(f"{run}/pipeline.json", flags)
+    if not args.toy:
+        print("cello main job: SFT (~14 min) -> GRPO (~10 min) -> evaluation (~3 min) on 2 CPU cores; about 30 "
+              f"minutes in all. Run folder: {run}. Interrupt at will: the same command resumes.", flush=True)
+    t0 = time.time()
+    sys.path.insert(0, ROOT)
+    import data
+    puzzles = data.test_puzzles(data.embedded(), data.CPU, per_n=args.eval_per_n, seed=0)
+    if not os.path.exists(f"{run}/baselines.json"):
+        write_json(f"{run}/baselines.json", baselines(puzzles))
+    if not os.path.exists(f"{run}/sft/model/config.json"):
+        run_stage("SFT", [sys.executable, "train_sft.py", "--out", f"{run}/sft", "--resume", *sft_args])
+    if not os.path.exists(f"{run}/rl/model/config.json"):
+        run_stage("GRPO", [sys.executable, "train_rl.py", "--model", f"{run}/sft/model", "--out", f"{run}/rl",
+                           "--resume", *rl_args])
+    for stage in ("sft", "rl"):
+        if not os.path.exists(f"{run}/eval_{stage}.json"):
+            print(f"\n== evaluation of {stage}/model on {len(puzzles)} held-out puzzles", flush=True)
+            write_json(f"{run}/eval_{stage}.json",
+                       evaluate_model(f"{run}/{stage}/model", puzzles, args.eval_max_new_tokens))
+    text = report(run, (time.time() - t0) / 60)
+    with open(f"{run}/results.md.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{run}/results.md.tmp", f"{run}/results.md")
+    print("\n" + text)
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
