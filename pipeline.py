@@ -124,7 +124,7 @@ def report(run: str, minutes: float | None) -> str:
     pic = plot(run, f"{run}/curves.png")
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     took = f", {minutes:.0f} min wall for this invocation" if minutes else ""
-    return (f"# Results: {run}\n\n{when}, {os.cpu_count()} CPU cores{took}. Held-out puzzles of test cells only; "
+    return (f"# Results: {os.path.relpath(run, ROOT) if run.startswith(ROOT) else run}\n\n{when}, {os.cpu_count()} CPU cores{took}. Held-out puzzles of test cells only; "
             "greedy decoding. Baseline rows have no reasoning text (mean len 0).\n\n" + table + f"\n\n{pic}\n")
 
 
