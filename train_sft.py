@@ -220,7 +220,7 @@ class Examples:
     traces) or a CellPuzzles file / folder / hub id (its `reasoning` split, every row a full trace)."""
 
     def __init__(self, source: str, seed: int, split: str = "reasoning", skip_bad: bool = False,
-                 trace_order: str = "confidence", ramp: int = 0, trace_form: str = "evidence"):
+                 trace_order: str = "cell", ramp: int = 0, trace_form: str = "type"):
         self.seed, self.trace_order, self.ramp, self.trace_form = seed, trace_order, ramp, trace_form
         if source == "embedded":
             cells = data.embedded()

@@ -229,20 +229,23 @@ def test_hungarian_matches_brute_force():
             assert np.isclose(s[np.arange(n), col].sum(), best)
 
 
+@pytest.mark.parametrize("form", ["evidence", "type"])
 @pytest.mark.parametrize("order", ["confidence", "cell"])
-def test_accepted_traces_score_one(pbmc, order):
+def test_accepted_traces_score_one(pbmc, order, form):
     split, teacher = pbmc
     puzzles = take(data.train_stream(split, seed=3), 100) + data.test_puzzles(split, per_n=10)
     accepted = rejected = 0
     for p in puzzles:
-        completion, types = teacher.trace(p, order)
+        completion, types = teacher.trace(p, order, form)
         assert reward.parse(completion) == types                 # every trace is well formed
         assert "|" not in completion.split("</think>")[0]      # no '|' line for the reward's fallback to pick
         lines = completion.split("</think>")[0].removeprefix("<think>").split("\n")
         assert len(lines) == p.n and sorted(ln.split(":")[0] for ln in lines) == sorted(f"Cell {i + 1}" for i in range(p.n))
         if order == "cell":
             assert [ln.split(":")[0] for ln in lines] == [f"Cell {i + 1}" for i in range(p.n)]
-        trace = teacher.accepted_trace(p, order)
+        if form == "type":  # the decision first: "Cell i: <type> (<marker>, <marker>)"
+            assert all(ln.split(": ", 1)[1].split(" (")[0] in p.candidates for ln in lines)
+        trace = teacher.accepted_trace(p, order, form)
         if trace is None:
             rejected += 1
             assert reward.score(completion, p.answer, "batch") == 0.0

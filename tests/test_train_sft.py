@@ -131,3 +131,16 @@ def test_checkpoint_loads_in_transformers(tiny_dir, tmp_path):
         torch.testing.assert_close(ours(x), theirs(x).logits, atol=1e-4, rtol=1e-4)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight  # tied stays tied through FSDP2 and the save
     assert os.path.exists(tmp_path / "r" / "model" / "tokenizer.json")
+
+
+def test_curriculum_grows_the_largest_n():
+    """--curriculum: example i draws N from [3, 3 + ceil(5 i / ramp)], the full range 3..8 once i >= ramp; example i
+    stays a pure function of (seed, i)."""
+    from train_sft import Examples
+    ex = Examples("embedded", seed=0, trace_order="cell", ramp=200)
+    early = [ex[i][0].n for i in range(1, 40)]
+    assert all(3 <= n <= 3 + -(-5 * i // 200) for i, n in enumerate(early, 1)) and max(early) == 4
+    late = [ex[i][0].n for i in range(200, 260)]
+    assert max(late) == 8 and min(late) == 3
+    assert ex[217][1] == Examples("embedded", seed=0, trace_order="cell", ramp=200)[217][1]
+    assert ex[217][1].startswith("<think>Cell 1: ") and " (" in ex[217][1].split("\n")[0]  # type-first by default
