@@ -5,3 +5,22 @@ import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A random 60k-parameter Qwen2 saved in HF layout with the committed tokenizer: the start model of the real
+    (torchrun) SFT and GRPO runs in the tests."""
+    import data
+    from model import ModelConfig, Transformer, load_tokenizer
+    tok_dir = os.path.dirname(data.TOKENIZER_PATH)
+    cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=load_tokenizer(tok_dir).get_vocab_size(),
+                      tie_word_embeddings=True, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    Transformer(cfg).init_weights().save_pretrained(d, tokenizer_dir=tok_dir)
+    return str(d)

@@ -334,18 +334,6 @@ def test_rl_raises_reward():
 # ----------------------------------------------------------------------------------------------------------------------
 # Real runs (CLI)
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    tok_dir = os.path.dirname(data.TOKENIZER_PATH)
-    cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=load_tokenizer(tok_dir).get_vocab_size(),
-                      tie_word_embeddings=True, max_position_embeddings=2048)
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    Transformer(cfg).init_weights().save_pretrained(d, tokenizer_dir=tok_dir)
-    return str(d)
-
-
 def rl_cmd(model, out, nproc=1, steps=3, extra=()):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-from model import ModelConfig, Transformer, load_tokenizer
+from model import Transformer, load_tokenizer
 from train_sft import collate, tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,18 +41,6 @@ def test_loss_mask_is_exactly_the_completion_and_end():
     assert collate([a, b], "cpu")[1].equal(y)
     with pytest.raises(ValueError, match="--max-len"):
         tokenize(tok, p, completion, end, 20, "row 7")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    tok_dir = os.path.dirname(data.TOKENIZER_PATH)
-    cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=load_tokenizer(tok_dir).get_vocab_size(),
-                      tie_word_embeddings=True, max_position_embeddings=2048)
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    Transformer(cfg).init_weights().save_pretrained(d, tokenizer_dir=tok_dir)
-    return str(d)
 
 
 def sft_cmd(model, out, nproc=1, steps=4, extra=()):
