@@ -521,6 +521,14 @@ class Teacher:
         return completion if types == p.gold else None
 
 
+def baselines(teacher: Teacher, seed: int = 0) -> dict:
+    """The reference methods of the baseline and results tables, name -> (puzzle -> types in cell order): a random
+    one-to-one assignment (seeded), the teacher's per-cell argmax (no uniqueness), the teacher (Hungarian)."""
+    rng = np.random.default_rng(seed)
+    return {"random": lambda p: [p.candidates[j] for j in rng.permutation(p.n)],
+            "per-cell argmax": teacher.argmax, "teacher (Hungarian)": teacher.solve}
+
+
 def fit_teacher(cells: list[list[str]], labels: list[str], alpha: float = 0.25) -> Teacher:
     """Fit on top-gene lists of train cells: rate[t, g] = (lists of type t holding g + alpha) / (n_t + 2 alpha),
     the same for the other types; weight = logit(rate_t) - logit(rate_others). Cells are weighted so every type

@@ -46,7 +46,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -61,9 +60,9 @@ import data
 import reward
 from model import Transformer, encode_chat, load_tokenizer, stop_token_ids
 from sampler import Sampler, pad64
-from train_sft import (SHORT_SYSTEM, Log, autocast, build_model, eval_line, eval_puzzles, evaluate, init_distributed,
-                       load_checkpoint, lr_at, messages, prepare_run_dir, save_checkpoint, shard, sync_weights,
-                       tokenizer_source)
+from train_sft import (SHORT_SYSTEM, Log, autocast, build_model, embedded_sampler, epoch_row, eval_line, eval_puzzles,
+                       evaluate, init_distributed, load_checkpoint, load_rows, lr_at, messages, prepare_run_dir,
+                       publish_model, save_checkpoint, shard, sync_weights, tokenizer_source)
 
 RL_STREAM = 1  # mixed into the embedded prompt seed: RL prompt i is not SFT example i of the same --seed
 
@@ -428,21 +427,17 @@ class Prompts:
     def __init__(self, source: str, seed: int, split: str = "train", skip_bad: bool = False):
         self.seed = seed
         if source == "embedded":
-            cells = data.embedded()
-            self.sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment,
-                                              data.CPU.p_range)
-            self.n_range = (data.CPU.n_range[0], min(data.CPU.n_range[1], self.sampler.max_n()))
+            self.sampler, self.n_range = embedded_sampler(data.embedded())
             self.rows = None
         else:
-            self.rows, _ = data.load_puzzles(source, split, skip_bad=skip_bad)
+            self.rows = load_rows(source, split, skip_bad)
 
     def __len__(self):
         return len(self.rows) if self.rows is not None else 0  # 0: endless
 
     def __getitem__(self, i: int) -> data.Puzzle:
         if self.rows is not None:
-            epoch, j = divmod(i, len(self.rows))
-            return self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[j]]
+            return epoch_row(self.rows, self.seed, i)
         rng = np.random.default_rng([self.seed, RL_STREAM, i])
         return self.sampler.sample(int(rng.integers(self.n_range[0], self.n_range[1] + 1)), rng)
 
@@ -666,11 +661,7 @@ def main(argv=None):
     if failed is None and (start < steps or not os.path.exists(os.path.join(args.out, "model"))):
         run_eval(steps)
         if rank == 0:  # the final model, HF layout (loadable here and by transformers)
-            final = os.path.join(args.out, "model")
-            shutil.rmtree(final + ".tmp", ignore_errors=True)
-            shutil.copytree(os.path.join(args.out, "checkpoint", "model"), final + ".tmp")
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(final + ".tmp", final)
+            publish_model(args.out)
     dist.barrier()
     del model, optim, infer, ref  # free before destroy_process_group: a rank sometimes aborts at exit otherwise
     gc.collect()

@@ -158,6 +158,16 @@ def load_checkpoint(run_dir, model, optim) -> dict:
         return json.load(f)
 
 
+def publish_model(run_dir: str) -> None:
+    """<run>/model <- the last checkpoint's HF model (for train_rl.py --model and transformers), copied to model.tmp
+    then renamed: a kill leaves the previous folder or none, never a half-copied one. Rank 0 only."""
+    final = os.path.join(run_dir, "model")
+    shutil.rmtree(final + ".tmp", ignore_errors=True)
+    shutil.copytree(os.path.join(run_dir, "checkpoint", "model"), final + ".tmp")
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(final + ".tmp", final)
+
+
 def prepare_run_dir(run_dir: str, resume: bool, log_name: str) -> int:
     """Refuse to overwrite a run unless resuming; on resume drop log lines past the checkpoint (they would be
     repeated). Returns the step to resume from (0 for a fresh run). Rank 0 only touches files."""
@@ -215,6 +225,26 @@ def messages(p: data.Puzzle, system: str | None = None) -> list[dict]:
     return [{"role": "system", "content": system or p.system}, {"role": "user", "content": p.user}]
 
 
+def embedded_sampler(cells: data.CellSplit) -> tuple[data.PuzzleSampler, tuple[int, int]]:
+    """The embedded default's puzzles of train cells (augmented afresh) and their N range, capped by the donors."""
+    sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment, data.CPU.p_range)
+    return sampler, (data.CPU.n_range[0], min(data.CPU.n_range[1], sampler.max_n()))
+
+
+def load_rows(source: str, split: str, skip_bad: bool) -> list[data.Puzzle]:
+    rows, skipped = data.load_puzzles(source, split, skip_bad=skip_bad)
+    if skipped:
+        print(f"skipped {skipped} malformed rows of {source} ({split}) under --skip-bad")
+    return rows
+
+
+def epoch_row(rows: list, seed: int, i: int):
+    """Row i of an endless pass over `rows`: epoch e visits them in a permutation seeded by (seed, e), so row i is a
+    pure function of (seed, i) and a run resumed at an epoch boundary goes on into the next epoch."""
+    epoch, j = divmod(i, len(rows))
+    return rows[np.random.default_rng([seed, epoch]).permutation(len(rows))[j]]
+
+
 class Examples:
     """SFT examples by global index. `source`: "embedded" (fresh augmented PBMC puzzles with accepted teacher
     traces) or a CellPuzzles file / folder / hub id (its `reasoning` split, every row a full trace)."""
@@ -224,15 +254,11 @@ class Examples:
         self.seed, self.trace_order, self.ramp, self.trace_form = seed, trace_order, ramp, trace_form
         if source == "embedded":
             cells = data.embedded()
-            self.sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment,
-                                              data.CPU.p_range)
+            self.sampler, self.n_range = embedded_sampler(cells)
             self.teacher = data.fit_embedded_teacher(cells)
-            self.n_range = (data.CPU.n_range[0], min(data.CPU.n_range[1], self.sampler.max_n()))
             self.rows = None
         else:
-            self.rows, skipped = data.load_puzzles(source, split, skip_bad=skip_bad)
-            if skipped:
-                print(f"skipped {skipped} malformed rows of {source} ({split}) under --skip-bad")
+            self.rows = load_rows(source, split, skip_bad)
             for i, p in enumerate(self.rows):
                 if "<think>" not in p.assistant or "</answer>" not in p.assistant:
                     raise ValueError(f"{source} ({split}) row {i}: assistant_msg is not a <think>...</think>\\n"
@@ -243,9 +269,7 @@ class Examples:
 
     def __getitem__(self, i: int) -> tuple[data.Puzzle, str]:
         if self.rows is not None:
-            epoch, j = divmod(i, len(self.rows))
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
-            p = self.rows[order[j]]
+            p = epoch_row(self.rows, self.seed, i)
             return p, p.assistant
         rng = np.random.default_rng([self.seed, i])
         lo, hi = self.n_range
@@ -465,12 +489,8 @@ def main(argv=None):
     bar.close()
     if start < steps or not os.path.exists(os.path.join(args.out, "model")):
         run_eval(steps)
-        if rank == 0:  # the final model, HF layout, for train_rl.py --model and transformers
-            final = os.path.join(args.out, "model")
-            shutil.rmtree(final + ".tmp", ignore_errors=True)
-            shutil.copytree(os.path.join(args.out, "checkpoint", "model"), final + ".tmp")
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(final + ".tmp", final)
+        if rank == 0:
+            publish_model(args.out)
     dist.barrier()
     del model, optim, infer  # free before destroy_process_group: a rank sometimes aborts at exit otherwise
     gc.collect()

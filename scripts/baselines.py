@@ -14,7 +14,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import numpy as np  # noqa: E402
 
 import data  # noqa: E402
 import reward  # noqa: E402
@@ -41,9 +40,7 @@ def main():
         print(f"embedded PBMC: {len(split.train)} train / {len(split.test)} test cells, {len(test)} test puzzles, "
               f"{cfg.n_genes} genes, N {cfg.n_range[0]}-{cfg.n_range[1]}\n")
 
-    rng = np.random.default_rng(args.seed)
-    methods = {"random": lambda p: [p.candidates[j] for j in rng.permutation(p.n)],
-               "argmax": teacher.argmax, "teacher": teacher.solve}
+    methods = data.baselines(teacher, args.seed)
     answers = [p.answer for p in test]
     rows = {name: reward.metrics([data.render_completion("", f(p)) for p in test], answers)
             for name, f in methods.items()}
