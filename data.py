@@ -474,12 +474,18 @@ class Teacher:
         cell whose best type went to another cell waits until that cell is placed, then its line says so (the
         Hungarian optimum makes these waits acyclic). order="cell": cells 1..N in turn; a cell whose best type
         belongs to another cell says which ("but cell k fits it better") and takes its assigned type. Each line
-        names 2 markers, the type, and the candidates still free. form="evidence": "markers -> type"; form="type":
+        names 2 markers, the type, and the candidates still free. order="fix": see _fix_trace. form="evidence": "markers -> type"; form="type":
         "type (markers)", the decision first (easier for a small model: one decision per line, then the evidence)."""
-        say = (lambda ms, t: f"{ms} -> {t}") if form == "evidence" else (lambda ms, t: f"{t} ({ms})")
+        def say(i: int, t: str) -> str:
+            ms = ", ".join(self.markers(p.cells[i], t))
+            if form == "evidence":
+                return f"{ms} -> {t}"
+            return f"{t} ({ms})"
         s = self.scores(p)
         col = hungarian(s)
         best = s.argmax(1)
+        if order == "fix":
+            return self._fix_trace(p, col, best, say), [p.candidates[j] for j in col]
         owner = {int(j): i for i, j in enumerate(col)}
         visit = list(range(p.n)) if order == "cell" else self._confidence_order(s, col, best, owner)
         free, placed, lines = list(p.candidates), set(), []
@@ -491,8 +497,8 @@ class Teacher:
             if best[i] != col[i] and (order == "cell" or k in placed):
                 a = p.candidates[best[i]]
                 why = f"but cell {k + 1} fits it better" if order == "cell" else f"taken by cell {k + 1}"
-                line += f"{say(', '.join(self.markers(p.cells[i], a)), a)}, {why}; "
-            line += f"{say(', '.join(self.markers(p.cells[i], t)), t)}."
+                line += f"{say(i, a)}, {why}; "
+            line += f"{say(i, t)}."
             free.remove(t)
             placed.add(i)
             if free:
@@ -500,6 +506,27 @@ class Teacher:
             lines.append(line)
         types = [p.candidates[j] for j in col]
         return render_completion("\n".join(lines), types), types
+
+    def _fix_trace(self, p: Puzzle, col, best, say) -> str:
+        """order="fix": first every cell's best fit on its own (the per-cell argmax, one local decision per line),
+        then the types named twice, the unused ones, and a new line for each cell the one-to-one optimum moves. A
+        cell's last line is its answer. No lookahead is needed before a line is written: conflicts are resolved
+        once they are all on the page."""
+        line = lambda i, j: f"Cell {i + 1}: {say(i, p.candidates[j])}"
+        lines = [line(i, j) for i, j in enumerate(best)]
+        claims = {}
+        for i, j in enumerate(best):
+            claims.setdefault(int(j), []).append(i)
+        twice = [(j, cs) for j, cs in sorted(claims.items(), key=lambda kv: kv[1][0]) if len(cs) > 1]
+        if not twice:
+            lines.append("Every type is used once")
+        else:
+            sep = "; " if any("," in c for c in p.candidates) else ", "   # released names can hold commas
+            dup = "; ".join(f"{p.candidates[j]} (cells {', '.join(str(i + 1) for i in cs)})" for j, cs in twice)
+            unused = sep.join(c for j, c in enumerate(p.candidates) if j not in claims)
+            lines.append(f"Repeated: {dup}. Unused: {unused}")
+            lines += [line(i, j) for i, j in enumerate(col) if j != best[i]]
+        return render_completion("\n".join(lines) + ".", [p.candidates[j] for j in col])
 
     @staticmethod
     def _confidence_order(s, col, best, owner) -> list[int]:

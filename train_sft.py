@@ -118,6 +118,76 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to g (U V^T of its SVD), approximately: 5 quintic Newton-Schulz steps in
+    bf16 with the coefficients of Muon (Jordan et al., 2024), which push every singular value into about [0.7, 1.2]."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() / (g.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    tall = x.size(0) > x.size(1)
+    x = x.mT if tall else x                # iterate on the wide side: x @ x.T is the smaller Gram matrix
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the 2-D weights of the blocks (momentum, then the update orthogonalised by Newton-Schulz, scaled by
+    sqrt(max(1, rows / cols)) and the lr; decoupled weight decay), AdamW for everything else (embeddings, norms,
+    biases): groups carry `muon: bool`. Under FSDP2 a weight is a row-sharded DTensor: each rank gathers the full
+    momentum, orthogonalises it (every rank gets the same result) and keeps its own rows, so 1 and N ranks agree."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                 momentum: float = 0.95):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # elementwise math on this rank's shard:
+        for group in self.param_groups:                                   # DTensor dispatch costs ~10x the op here
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["muon"]:
+                    if not state:
+                        state["momentum"] = torch.zeros_like(p)
+                    buf, grad = local(state["momentum"]), local(p.grad)
+                    buf.lerp_(grad, 1 - group["momentum"])
+                    g = grad.lerp(buf, group["momentum"])  # Nesterov
+                    if hasattr(p, "device_mesh"):  # gather the full matrix: every rank orthogonalises the same one
+                        from torch.distributed.tensor import DTensor, distribute_tensor
+                        full = DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape,
+                                                  stride=p.stride()).full_tensor()
+                        u = newton_schulz(full) * max(1.0, full.size(0) / full.size(1)) ** 0.5
+                        u = distribute_tensor(u, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                    else:
+                        u = newton_schulz(g) * max(1.0, g.size(0) / g.size(1)) ** 0.5
+                    local(p).mul_(1 - lr * wd).add_(u, alpha=-lr)
+                else:  # AdamW
+                    if not state:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                    (b1, b2), t = group["betas"], state["step"].add_(1).item()
+                    m, v, grad = local(state["exp_avg"]), local(state["exp_avg_sq"]), local(p.grad)
+                    m.lerp_(grad, 1 - b1)
+                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                    denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+                    local(p).mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+
+
+def make_optimizer(model: Transformer, name: str, lr: float, weight_decay: float, muon_lr: float):
+    """AdamW (betas 0.9 / 0.95) on everything, or Muon on the blocks' 2-D weights at `muon_lr` + AdamW on the rest."""
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in n]
+    others = [p for n, p in model.named_parameters() if not (p.ndim == 2 and ".layers." in n)]
+    return Muon([dict(params=matrices, muon=True, lr=muon_lr, base_lr=muon_lr),
+                 dict(params=others, lr=lr, base_lr=lr)], lr=lr, weight_decay=weight_decay)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints: <run>/checkpoint/{model/ (HF layout), state/ (sharded optimizer + weights, torch DCP), meta.json}
 
@@ -360,8 +430,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of failing")
     p.add_argument("--system", default=None, choices=["released", "short"],
                    help="system turn: the released instruction, or a one-line one (default: tiny short, else released)")
-    p.add_argument("--trace-order", default="cell", choices=["confidence", "cell"],
-                   help="embedded teacher traces: resolve cells most confident first, or in cell order")
+    p.add_argument("--trace-order", default="cell", choices=["confidence", "cell", "fix"],
+                   help="embedded teacher traces: resolve cells most confident first, in cell order, or 'fix': every "
+                   "cell's best fit in cell order, then the repeated types resolved")
     p.add_argument("--trace-form", default="type", choices=["evidence", "type"],
                    help="embedded teacher traces: 'markers -> type' per cell, or 'type (markers)'")
     p.add_argument("--curriculum", type=float, default=None, help="embedded data: fraction of the run over which the "
@@ -376,6 +447,9 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward per rank (default: tiny 8, "
                    "else 1)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: tiny 1e-3, else 5e-5)")
+    p.add_argument("--optim", default="adamw", choices=["adamw", "muon"],
+                   help="AdamW on all weights, or Muon on the blocks' matrices + AdamW on the rest")
+    p.add_argument("--muon-lr", type=float, default=0.02, help="peak lr of Muon's matrices (with --optim muon)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: tiny 20, else 0)")
     p.add_argument("--schedule", default=None, choices=["cosine", "linear", "constant"],
                    help="decay after warmup (default: tiny cosine, else linear as the reference)")
@@ -429,7 +503,7 @@ def main(argv=None):
     infer = infer.to_empty(device=device).to(torch.bfloat16).eval()
     infer.tie_weights()
     shard(model, device)
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    optim = make_optimizer(model, args.optim, args.lr, args.weight_decay, args.muon_lr)
     if start:
         load_checkpoint(args.out, model, optim)
     eval_set = eval_puzzles(args.eval_data or ("embedded" if args.data == "embedded" else args.data),
@@ -452,7 +526,7 @@ def main(argv=None):
         t0 = time.time()
         lr = lr_at(step, steps, args.lr, args.warmup, args.schedule, args.min_lr_ratio)
         for g in optim.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("base_lr", args.lr) / args.lr  # Muon's matrices follow the same schedule
         first = step * args.batch_size + rank * per_rank  # this rank's contiguous share of the global batch
         batch = [tokenize(tok, *examples[i], end_id, args.max_len, f"example {i}", system)
                  for i in range(first, first + per_rank)]

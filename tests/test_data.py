@@ -230,7 +230,7 @@ def test_hungarian_matches_brute_force():
 
 
 @pytest.mark.parametrize("form", ["evidence", "type"])
-@pytest.mark.parametrize("order", ["confidence", "cell"])
+@pytest.mark.parametrize("order", ["confidence", "cell", "fix"])
 def test_accepted_traces_score_one(pbmc, order, form):
     split, teacher = pbmc
     puzzles = take(data.train_stream(split, seed=3), 100) + data.test_puzzles(split, per_n=10)
@@ -240,6 +240,8 @@ def test_accepted_traces_score_one(pbmc, order, form):
         assert reward.parse(completion) == types                 # every trace is well formed
         assert "|" not in completion.split("</think>")[0]      # no '|' line for the reward's fallback to pick
         lines = completion.split("</think>")[0].removeprefix("<think>").split("\n")
+        if order == "fix":  # N lines then the conflicts: test_fix_trace_is_argmax_then_the_moves_of_the_optimum
+            lines = lines[:p.n]
         assert len(lines) == p.n and sorted(ln.split(":")[0] for ln in lines) == sorted(f"Cell {i + 1}" for i in range(p.n))
         if order == "cell":
             assert [ln.split(":")[0] for ln in lines] == [f"Cell {i + 1}" for i in range(p.n)]
@@ -255,6 +257,34 @@ def test_accepted_traces_score_one(pbmc, order, form):
     assert accepted > 50 and rejected > 0
     stream = take(data.train_stream(split, seed=4, teacher=teacher), 20)
     assert all(reward.score(p.assistant, p.answer, "batch") == 1.0 for p in stream)
+
+
+def test_fix_trace_is_argmax_then_the_moves_of_the_optimum(pbmc):
+    """order="fix": N lines of per-cell argmax in cell order; then "Every type is used once" or the repeated types
+    with their cells, the unused types, and one line per cell that the Hungarian optimum moves."""
+    split, teacher = pbmc
+    puzzles = take(data.train_stream(split, seed=5), 100) + data.test_puzzles(split, per_n=10)
+    moved_any = 0
+    for p in puzzles:
+        completion, types = teacher.trace(p, "fix", "type")
+        assert reward.parse(completion) == types == teacher.solve(p)
+        lines = completion.split("</think>")[0].removeprefix("<think>").removesuffix(".").split("\n")
+        named = lambda ln: ln.split(": ", 1)[1].split(" (")[0]
+        assert [ln.split(":")[0] for ln in lines[:p.n]] == [f"Cell {i + 1}" for i in range(p.n)]
+        argmax = teacher.argmax(p)
+        assert [named(ln) for ln in lines[:p.n]] == argmax
+        repeated = sorted({t for t in argmax if argmax.count(t) > 1})
+        if not repeated:
+            assert lines[p.n:] == ["Every type is used once"] and types == argmax
+            continue
+        head = lines[p.n]
+        assert head.startswith("Repeated: ") and all(f"{t} (cells " in head for t in repeated)
+        assert head.split("Unused: ")[1].split(", ") == [t for t in p.candidates if t not in argmax]
+        moved = [i for i in range(p.n) if types[i] != argmax[i]]
+        assert [ln.split(":")[0] for ln in lines[p.n + 1:]] == [f"Cell {i + 1}" for i in moved]
+        assert [named(ln) for ln in lines[p.n + 1:]] == [types[i] for i in moved]
+        moved_any += bool(moved)
+    assert moved_any > 10
 
 
 def test_teacher_beats_argmax_beats_random(pbmc):

@@ -66,6 +66,9 @@ def weights(out):
     return Transformer.from_pretrained(os.path.join(out, "model"), dtype=torch.float32).state_dict()
 
 
+OPTIMS = {"adamw": [], "muon": ["--optim", "muon", "--muon-lr", "2e-3"]}
+
+
 def test_two_ranks_equal_one_rank(tiny_dir, tmp_path):
     run(sft_cmd(tiny_dir, tmp_path / "r1", nproc=1))
     run(sft_cmd(tiny_dir, tmp_path / "r2", nproc=2))
@@ -85,10 +88,11 @@ def test_two_ranks_equal_one_rank(tiny_dir, tmp_path):
     assert len(e1) == 1 and e1[0]["count"] > 0  # the final evaluation ran and was scored
 
 
-def test_kill9_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
-    run(sft_cmd(tiny_dir, tmp_path / "full", steps=6))
+@pytest.mark.parametrize("optim", OPTIMS)
+def test_kill9_and_resume_equals_uninterrupted(tiny_dir, tmp_path, optim):
+    run(sft_cmd(tiny_dir, tmp_path / "full", steps=6, extra=OPTIMS[optim]))
     out = tmp_path / "killed"
-    p = subprocess.Popen(sft_cmd(tiny_dir, out, steps=6), env=ENV, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(sft_cmd(tiny_dir, out, steps=6, extra=OPTIMS[optim]), env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once step 3 is logged: the step-2 checkpoint exists, step 4's does not
@@ -100,8 +104,8 @@ def test_kill9_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
     assert json.load(open(out / "checkpoint" / "meta.json"))["step"] in (2, 4)
     assert not (out / "model").exists()
     with pytest.raises(AssertionError, match="--resume"):
-        run(sft_cmd(tiny_dir, out, steps=6))  # an existing run is never overwritten silently
-    run(sft_cmd(tiny_dir, out, steps=6, extra=["--resume"]))
+        run(sft_cmd(tiny_dir, out, steps=6, extra=OPTIMS[optim]))  # an existing run is never overwritten silently
+    run(sft_cmd(tiny_dir, out, steps=6, extra=["--resume", *OPTIMS[optim]]))
     steps = [r["step"] for r in log(out) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # lines after the checkpoint were dropped and redone, none repeated
     wa, wb = weights(tmp_path / "full"), weights(out)
@@ -132,3 +136,78 @@ def test_curriculum_grows_the_largest_n():
     assert max(late) == 8 and min(late) == 3
     assert ex[217][1] == Examples("embedded", seed=0, trace_order="cell", ramp=200)[217][1]
     assert ex[217][1].startswith("<think>Cell 1: ") and " (" in ex[217][1].split("\n")[0]  # type-first by default
+
+
+def test_newton_schulz_is_close_to_the_polar_factor():
+    """Against the SVD: U V^T of g, the orthogonal factor Muon's update approximates; singular values near 1."""
+    from train_sft import newton_schulz
+    torch.manual_seed(0)
+    for shape in [(48, 160), (160, 48), (64, 64)]:
+        g = torch.randn(shape) @ torch.diag(torch.logspace(-1, 0, shape[1]))  # singular values over a decade
+        u, _, vt = torch.linalg.svd(g, full_matrices=False)
+        x = newton_schulz(g)
+        assert x.shape == g.shape and x.dtype == g.dtype
+        s = torch.linalg.svdvals(x)
+        assert s.max() < 1.3 and (s > 0.6).float().mean() > 0.9, s  # 5 steps leave only the tiniest below
+        cos = (x * (u @ vt)).sum() / (x.norm() * (u @ vt).norm())
+        assert cos > 0.95, cos
+
+
+def test_muon_step_by_hand_and_adamw_part_equals_torch():
+    """One Muon group (a 2-D weight) and one AdamW group (a vector) against hand-computed updates and
+    torch.optim.AdamW for 3 steps."""
+    from train_sft import Muon, newton_schulz
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(32, 8)), torch.nn.Parameter(torch.randn(8))
+    b_ref = torch.nn.Parameter(b.detach().clone())
+    lr, mlr, wd, m = 1e-2, 0.05, 0.1, 0.95
+    opt = Muon([dict(params=[w], muon=True, lr=mlr), dict(params=[b])], lr=lr, weight_decay=wd, momentum=m)
+    ref = torch.optim.AdamW([b_ref], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
+    w_want, buf = w.detach().clone(), torch.zeros(32, 8)
+    for _ in range(3):
+        gw, gb = torch.randn(32, 8), torch.randn(8)
+        w.grad, b.grad, b_ref.grad = gw, gb.clone(), gb.clone()
+        opt.step()
+        ref.step()
+        buf = m * buf + (1 - m) * gw
+        nesterov = (1 - m) * gw + m * buf
+        w_want = w_want * (1 - mlr * wd) - mlr * newton_schulz(nesterov) * (32 / 8) ** 0.5
+    torch.testing.assert_close(w.detach(), w_want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.detach(), b_ref.detach(), atol=1e-6, rtol=1e-6)
+
+
+def _muon_rank(rank: int, world: int, init: str, out: str):
+    """One rank: a model of two Linear layers (odd row counts: uneven FSDP2 shards) under fully_shard, given the
+    same full gradients as the 1-process run, stepped 3 times by Muon."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    from train_sft import Muon
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 7), torch.nn.Linear(7, 5))
+    for layer in net:
+        fully_shard(layer)
+    opt = Muon([dict(params=[net[0].weight, net[1].weight], muon=True, lr=0.05), dict(params=[net[0].bias, net[1].bias])],
+               lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in net.parameters():
+            p.grad = distribute_tensor(torch.randn(p.shape, generator=g), p.device_mesh, p.placements)
+        opt.step()
+    state = {k: v.full_tensor() for k, v in net.state_dict().items()}
+    if rank == 0:
+        torch.save(state, out)
+    dist.destroy_process_group()
+
+
+def test_muon_on_two_ranks_equals_one_rank(tmp_path):
+    """Muon's shard logic alone (gather, orthogonalise, keep this rank's rows), free of the summation-order noise that
+    Newton-Schulz amplifies in a training run: the same gradients give the same weights on 1 and 2 ranks."""
+    import torch.multiprocessing as mp
+    for world in (1, 2):
+        mp.spawn(_muon_rank, args=(world, f"file://{tmp_path}/store{world}", str(tmp_path / f"w{world}.pt")),
+                 nprocs=world, join=True)
+    w1, w2 = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-6, msg=k)
