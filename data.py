@@ -474,8 +474,9 @@ class Teacher:
         cell whose best type went to another cell waits until that cell is placed, then its line says so (the
         Hungarian optimum makes these waits acyclic). order="cell": cells 1..N in turn; a cell whose best type
         belongs to another cell says which ("but cell k fits it better") and takes its assigned type. Each line
-        names 2 markers, the type, and the candidates still free. order="fix": see _fix_trace. form="evidence": "markers -> type"; form="type":
-        "type (markers)", the decision first (easier for a small model: one decision per line, then the evidence)."""
+        names 2 markers, the type, and the candidates still free. order="fix": see _fix_trace.
+        form="evidence": "markers -> type"; form="type": "type (markers)", the decision first (easier for a small
+        model: one decision per line, then the evidence)."""
         def say(i: int, t: str) -> str:
             ms = ", ".join(self.markers(p.cells[i], t))
             if form == "evidence":
@@ -484,8 +485,9 @@ class Teacher:
         s = self.scores(p)
         col = hungarian(s)
         best = s.argmax(1)
+        types = [p.candidates[j] for j in col]
         if order == "fix":
-            return self._fix_trace(p, col, best, say), [p.candidates[j] for j in col]
+            return self._fix_trace(p, col, best, say, types), types
         owner = {int(j): i for i, j in enumerate(col)}
         visit = list(range(p.n)) if order == "cell" else self._confidence_order(s, col, best, owner)
         free, placed, lines = list(p.candidates), set(), []
@@ -504,10 +506,9 @@ class Teacher:
             if free:
                 line += f" Left: {sep.join(free)}"
             lines.append(line)
-        types = [p.candidates[j] for j in col]
         return render_completion("\n".join(lines), types), types
 
-    def _fix_trace(self, p: Puzzle, col, best, say) -> str:
+    def _fix_trace(self, p: Puzzle, col, best, say, types: list[str]) -> str:
         """order="fix": first every cell's best fit on its own (the per-cell argmax, one local decision per line),
         then the types named twice, the unused ones, and a new line for each cell the one-to-one optimum moves. A
         cell's last line is its answer. No lookahead is needed before a line is written: conflicts are resolved
@@ -526,7 +527,7 @@ class Teacher:
             unused = sep.join(c for j, c in enumerate(p.candidates) if j not in claims)
             lines.append(f"Repeated: {dup}. Unused: {unused}")
             lines += [line(i, j) for i, j in enumerate(col) if j != best[i]]
-        return render_completion("\n".join(lines) + ".", [p.candidates[j] for j in col])
+        return render_completion("\n".join(lines) + ".", types)
 
     @staticmethod
     def _confidence_order(s, col, best, owner) -> list[int]:

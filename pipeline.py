@@ -58,7 +58,13 @@ def baselines(puzzles) -> dict:
 
 
 def evaluate_model(model_dir: str, puzzles, max_new_tokens: int) -> dict:
-    """Greedy decoding of a final model (bf16, our sampler) with the system turn its SFT run trained with."""
+    m, texts = decode_model(model_dir, puzzles, max_new_tokens)
+    return {"metrics": m, "samples": texts[:5]}
+
+
+def decode_model(model_dir: str, puzzles, max_new_tokens: int) -> tuple[dict, list[str]]:
+    """Greedy decoding of a final model (bf16, our sampler) with the system turn its SFT run trained with:
+    (metrics, completions)."""
     import torch
 
     import train_sft
@@ -68,8 +74,7 @@ def evaluate_model(model_dir: str, puzzles, max_new_tokens: int) -> dict:
         train_sft.init_distributed()  # a 1-rank group: evaluate() gathers over ranks
     system = train_sft.SHORT_SYSTEM if sft_system(model_dir) == "short" else None
     model = Transformer.from_pretrained(model_dir, "cpu", torch.bfloat16).eval()
-    m, texts = train_sft.evaluate(model, load_tokenizer(model_dir), puzzles, max_new_tokens, True, system)
-    return {"metrics": m, "samples": texts[:5]}
+    return train_sft.evaluate(model, load_tokenizer(model_dir), puzzles, max_new_tokens, True, system)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import time
 from contextlib import nullcontext
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 import data
@@ -144,8 +144,9 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # elementwise math on this rank's shard:
-        for group in self.param_groups:                                   # DTensor dispatch costs ~10x the op here
+        # elementwise math on this rank's shard (local views): DTensor dispatch costs ~10x the op on a tiny model
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+        for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
@@ -157,14 +158,13 @@ class Muon(torch.optim.Optimizer):
                     buf, grad = local(state["momentum"]), local(p.grad)
                     buf.lerp_(grad, 1 - group["momentum"])
                     g = grad.lerp(buf, group["momentum"])  # Nesterov
-                    if hasattr(p, "device_mesh"):  # gather the full matrix: every rank orthogonalises the same one
-                        from torch.distributed.tensor import DTensor, distribute_tensor
-                        full = DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape,
-                                                  stride=p.stride()).full_tensor()
-                        u = newton_schulz(full) * max(1.0, full.size(0) / full.size(1)) ** 0.5
+                    sharded = hasattr(p, "device_mesh")
+                    if sharded:  # gather the full matrix: every rank orthogonalises the same one
+                        g = DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape,
+                                               stride=p.stride()).full_tensor()
+                    u = newton_schulz(g) * max(1.0, g.size(0) / g.size(1)) ** 0.5
+                    if sharded:  # this rank's rows of it
                         u = distribute_tensor(u, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                    else:
-                        u = newton_schulz(g) * max(1.0, g.size(0) / g.size(1)) ** 0.5
                     local(p).mul_(1 - lr * wd).add_(u, alpha=-lr)
                 else:  # AdamW
                     if not state:
@@ -182,8 +182,9 @@ def make_optimizer(model: Transformer, name: str, lr: float, weight_decay: float
     """AdamW (betas 0.9 / 0.95) on everything, or Muon on the blocks' 2-D weights at `muon_lr` + AdamW on the rest."""
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in n]
-    others = [p for n, p in model.named_parameters() if not (p.ndim == 2 and ".layers." in n)]
+    matrices, others = [], []
+    for n, p in model.named_parameters():
+        (matrices if p.ndim == 2 and ".layers." in n else others).append(p)
     return Muon([dict(params=matrices, muon=True, lr=muon_lr, base_lr=muon_lr),
                  dict(params=others, lr=lr, base_lr=lr)], lr=lr, weight_decay=weight_decay)
 

@@ -21,40 +21,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
-import reward  # noqa: E402
-import train_sft  # noqa: E402
-from model import Transformer, load_tokenizer  # noqa: E402
-from train_rl import sft_system  # noqa: E402
+import pipeline  # noqa: E402
 
 
-def decode(model_dir: str, puzzles) -> list[str]:
-    system = train_sft.SHORT_SYSTEM if sft_system(model_dir) == "short" else None
-    model = Transformer.from_pretrained(model_dir, "cpu", torch.bfloat16).eval()
-    return train_sft.evaluate(model, load_tokenizer(model_dir), puzzles, 512, True, system)[1]
-
-
-def cell_acc(completions, puzzles) -> dict:
-    m = reward.metrics(completions, [p.answer for p in puzzles])
-    return {n: v["cell_acc"] for n, v in m["by_n"].items()}
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="final model folder of a train_sft.py run on the embedded data")
-    ap.add_argument("--per-n", type=int, default=50, help="held-out puzzles per N (the results table uses 50)")
-    ap.add_argument("--train-per-n", type=int, default=20, help="train-cell puzzles per N")
-    args = ap.parse_args()
-    train_sft.init_distributed()  # a 1-rank group: evaluate() gathers over ranks
-    split = data.embedded()
-    teacher = data.fit_embedded_teacher(split)
-    test = data.test_puzzles(split, data.CPU, per_n=args.per_n, seed=0)
-    rng = np.random.default_rng(0)
-    sampler = data.PuzzleSampler(split.data, split.train, data.CPU.n_genes)  # not augmented: full depth
-    train = [sampler.sample(n, rng) for n in range(data.CPU.n_range[0], data.CPU.n_range[1] + 1)
-             for _ in range(args.train_per_n)]
-    texts = decode(args.model, test)
-    stats = {n: Counter() for n in sorted({p.n for p in test})}
-    for p, text in zip(test, texts):
+def reading(puzzles, texts) -> dict:
+    """Per N: counts of "Cell i: type (m1, m2)" lines, named types that are candidates, quoted markers, and those
+    in cell i / in another cell of the puzzle."""
+    stats = {n: Counter() for n in sorted({p.n for p in puzzles})}
+    for p, text in zip(puzzles, texts):
         c = stats[p.n]
         for k, typ, quoted in re.findall(r"Cell (\d+): (.*?) \(([^)]*)\)", text):
             i = int(k) - 1
@@ -66,13 +40,31 @@ def main():
                 c["quoted"] += 1
                 c["in cell"] += g in p.cells[i]
                 c["other"] += g not in p.cells[i] and any(g in cell for cell in p.cells)
-    rendered = lambda f, ps: [data.render_completion("", f(p)) for p in ps]
-    ours, argmax, hung = cell_acc(texts, test), cell_acc(rendered(teacher.argmax, test), test), \
-        cell_acc(rendered(teacher.solve, test), test)
-    ours_tr, argmax_tr = cell_acc(decode(args.model, train), train), cell_acc(rendered(teacher.argmax, train), train)
+    return stats
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="final model folder of a train_sft.py run on the embedded data")
+    ap.add_argument("--per-n", type=int, default=50, help="held-out puzzles per N (the results table uses 50)")
+    ap.add_argument("--train-per-n", type=int, default=20, help="train-cell puzzles per N")
+    args = ap.parse_args()
+    split = data.embedded()
+    test = data.test_puzzles(split, data.CPU, per_n=args.per_n, seed=0)
+    rng = np.random.default_rng(0)
+    sampler = data.PuzzleSampler(split.data, split.train, data.CPU.n_genes)  # not augmented: full depth
+    train = [sampler.sample(n, rng) for n in range(data.CPU.n_range[0], data.CPU.n_range[1] + 1)
+             for _ in range(args.train_per_n)]
+    cell = lambda m: {n: v["cell_acc"] for n, v in m["by_n"].items()}
+    ours, texts = pipeline.decode_model(args.model, test, 512)
+    ours_tr = pipeline.decode_model(args.model, train, 512)[0]
+    base, base_tr = pipeline.baselines(test), pipeline.baselines(train)
+    ours, ours_tr = cell(ours), cell(ours_tr)
+    argmax, hung, argmax_tr = cell(base["per-cell argmax"]), cell(base["teacher (Hungarian)"]), \
+        cell(base_tr["per-cell argmax"])
     print("| N | cell | argmax | teacher | in cell | other | cand | train cell | train argmax |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for n, c in stats.items():
+    for n, c in reading(test, texts).items():
         share = lambda k, d: c[k] / max(c[d], 1)
         print(f"| {n} | {ours[n]:.2f} | {argmax[n]:.2f} | {hung[n]:.2f} | {share('in cell', 'quoted'):.2f} | "
               f"{share('other', 'quoted'):.2f} | {share('cand', 'lines'):.2f} | {ours_tr.get(n, 0):.2f} | "

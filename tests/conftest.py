@@ -6,6 +6,11 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -24,3 +29,19 @@ def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny") / "model"
     Transformer(cfg).init_weights().save_pretrained(d, tokenizer_dir=tok_dir)
     return str(d)
+
+
+@pytest.fixture
+def kill9_after():
+    """kill9_after(cmd, env, log_path, step): start a trainer in its own session and SIGKILL the whole group once its
+    JSONL log holds a record with "step" >= step (the trainer tests' mid-run crash)."""
+    def run(cmd, env, log_path, step: int):
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if os.path.exists(log_path) and any(json.loads(ln).get("step", 0) >= step for ln in open(log_path)):
+                break
+            time.sleep(0.02)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    return run

@@ -6,10 +6,8 @@ import copy
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -385,18 +383,11 @@ def test_two_ranks_equal_one_rank(tiny_dir, tmp_path):
     assert json.load(open(tmp_path / "r1" / "checkpoint" / "meta.json"))["args"]["system"] == "short"
 
 
-def test_kill9_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
+def test_kill9_and_resume_equals_uninterrupted(tiny_dir, tmp_path, kill9_after):
     run(rl_cmd(tiny_dir, tmp_path / "full", steps=6))
     out = tmp_path / "killed"
-    p = subprocess.Popen(rl_cmd(tiny_dir, out, steps=6), env=ENV, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill once step 3 is logged: the step-2 checkpoint exists, step 4's may not
-        if os.path.exists(out / "rl_log.jsonl") and any(r.get("step", 0) >= 3 for r in log(out)):
-            break
-        time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    # killed once step 3 is logged: the step-2 checkpoint exists, step 4's may not
+    kill9_after(rl_cmd(tiny_dir, out, steps=6), ENV, out / "rl_log.jsonl", 3)
     assert json.load(open(out / "checkpoint" / "meta.json"))["step"] in (2, 4)
     assert not (out / "model").exists()
     r = run(rl_cmd(tiny_dir, out, steps=6), ok=False)
