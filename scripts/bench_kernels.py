@@ -33,6 +33,7 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=1024, help="decode: prompt tokens")
     ap.add_argument("--gen-len", type=int, default=1024, help="decode: most generated tokens of a row")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="input dtype")
+    ap.add_argument("--sweep", action="store_true", help="also time the prefill kernel at other block sizes / warps")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("bench_kernels needs a CUDA GPU and compiled Triton (TRITON_INTERPRET unset or 0)")
@@ -56,6 +57,13 @@ def main(argv=None):
     flops = 4 * D * H * float((lens.float() * (lens.float() + 1) / 2).sum())  # causal QK^T + PV over valid tokens
     print(f"prefill B={B} T={T}: triton {t_tri:.3f} ms ({flops / t_tri / 1e9:.0f} TFLOP/s) | SDPA reference "
           f"{t_ref:.3f} ms | triton/SDPA time {t_tri / t_ref:.2f}x | max abs diff {err.abs().max().item():.2e}")
+
+    if args.sweep:  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+        from kernels.prefill_attention import _prefill_triton
+        for bm, bn, nw, ns in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                               (128, 32, 4, 3), (128, 64, 8, 4)]:
+            t = do_bench(lambda: _prefill_triton(q, k, v, lens, 1 / math.sqrt(D), bm, bn, nw, ns))
+            print(f"  prefill blocks {bm}x{bn} warps {nw} stages {ns}: {t:.3f} ms ({flops / t / 1e9:.0f} TFLOP/s)")
 
     # decode
     G, n, Tp, Tg = args.groups, args.n, args.prompt_len, args.gen_len

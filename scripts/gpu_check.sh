@@ -25,3 +25,4 @@ TAIL=3 part 100 sft python3 -m torch.distributed.run --nproc_per_node 1 train_sf
     --no-progress --out /tmp/gpu_check_runs/sft
 TAIL=3 part 80 rl python3 -m torch.distributed.run --nproc_per_node 1 train_rl.py --model /tmp/gpu_check_runs/sft/model --steps 3 --eval-every 3 \
     --eval-puzzles 3 --no-progress --out /tmp/gpu_check_runs/rl
+TAIL=30 part 90 profile python3 scripts/profile_sampler.py

@@ -90,10 +90,12 @@ def test_prefill_ref_matches_naive(H, Hkv):
 
 
 @pytest.mark.parametrize("H,Hkv", HEADS)
-@pytest.mark.parametrize("block", [16, 64])  # 16: several query and key blocks with a partial last one
-def test_prefill_triton_matches_ref(H, Hkv, block):
+# (16, 16): several query and key blocks with a partial last one; (32, 16): two key blocks on the diagonal, unmasked
+# blocks left of it; (128, 64): one partial query block with two key blocks
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (64, 64), (32, 16), (128, 64)])
+def test_prefill_triton_matches_ref(H, Hkv, block_m, block_n):
     q, k, v, sl = make_prefill(H, Hkv)
-    out = _prefill_triton(q, k, v, sl, 1 / math.sqrt(16), block_m=block, block_n=block)
+    out = _prefill_triton(q, k, v, sl, 1 / math.sqrt(16), block_m=block_m, block_n=block_n)
     torch.testing.assert_close(out, prefill_attention_ref(q, k, v, sl), atol=ATOL, rtol=0)
     for b, L in enumerate(sl.tolist()):
         assert out[b, L:].eq(0).all()
