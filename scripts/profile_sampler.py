@@ -2,8 +2,8 @@
 
 Default: a random Qwen2.5-0.5B-shaped model (24 layers, hidden 896, 14/2 heads), bf16, 16 prompts of 512 tokens,
 n = 8. On an H200 (results/2026-11-26-h200/sampler_profile_05b.log): 23 ms per decode step of wall time, 3.6 ms of GPU
-kernel time (about 15%): the
-decode loop is bound by kernel launches (~35 per layer per step), which is what CUDA graphs would remove.
+kernel time (about 15%): the decode loop is bound by kernel launches (~35 per layer per step), which is what CUDA
+graphs would remove.
 
     python scripts/profile_sampler.py          # needs CUDA
 """
