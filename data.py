@@ -324,10 +324,13 @@ class PuzzleSampler:
     """Draws puzzles from a pool of cells: a donor with >= N types in the pool, N of its types, one cell of each.
     Cell order = the order the types were drawn. Every choice goes through the given numpy Generator."""
 
-    def __init__(self, data: CellData, pool: np.ndarray, n_genes: int, augment: bool = False, p_range=(0.3, 0.8)):
+    def __init__(self, data: CellData, pool: np.ndarray, n_genes: int, augment: bool = False, p_range=(0.3, 0.8),
+                 mix: float = 0.0):
         if augment and not data.counts:
             raise ValueError("augment needs integer counts (CellData.counts)")
-        self.data, self.n_genes, self.augment, self.p_range = data, n_genes, augment, p_range
+        if mix and not augment:
+            raise ValueError("mix pools UMI counts: it needs augment")
+        self.data, self.n_genes, self.augment, self.p_range, self.mix = data, n_genes, augment, p_range, mix
         self.groups: dict[str, dict[str, list[int]]] = {}   # donor -> type -> cells
         for c in np.sort(pool):
             self.groups.setdefault(str(data.donors[c]), {}).setdefault(str(data.labels[c]), []).append(c)
@@ -337,10 +340,18 @@ class PuzzleSampler:
     def max_n(self) -> int:
         return max(len(g) for g in self.groups.values())
 
-    def genes_of(self, c: int, rng: np.random.Generator) -> list[str]:
+    def genes_of(self, c: int, rng: np.random.Generator, mates=()) -> list[str]:
+        """Cell c's top genes; augmented: thinned afresh. With probability `mix` (and a mate: another pool cell of c's
+        type and donor) c's counts are pooled with the mate's and thinned to half the depth, a new cell of the type
+        at a depth like the others': more distinct cells for a small model to learn the markers from."""
         if not self.augment:
             return self.cache[c]
-        genes = top_genes(downsample(self.data.values[c], rng, self.p_range), self.data.genes, self.n_genes)
+        counts, depth = self.data.values[c], 1.0
+        if self.mix and len(mates) > 1 and rng.random() < self.mix:
+            others = [m for m in mates if m != c]
+            counts, depth = counts + self.data.values[others[rng.integers(len(others))]], 0.5
+        p_range = (self.p_range[0] * depth, self.p_range[1] * depth)
+        genes = top_genes(downsample(counts, rng, p_range), self.data.genes, self.n_genes)
         return genes or top_genes(self.data.values[c], self.data.genes, self.n_genes)
 
     def sample(self, n: int, rng: np.random.Generator) -> Puzzle:
@@ -351,7 +362,8 @@ class PuzzleSampler:
         types = sorted(group)
         types = [types[i] for i in rng.choice(len(types), size=n, replace=False)]
         ids = [int(group[t][rng.integers(len(group[t]))]) for t in types]
-        return make_puzzle(str(self.data.contexts[ids[0]]), [self.genes_of(c, rng) for c in ids], types, ids)
+        cells = [self.genes_of(c, rng, group[t]) for c, t in zip(ids, types)]
+        return make_puzzle(str(self.data.contexts[ids[0]]), cells, types, ids)
 
 
 def test_puzzles(split: CellSplit, cfg: PuzzleConfig = CPU, per_n: int = 50, seed: int = 0) -> list[Puzzle]:

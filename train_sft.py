@@ -296,9 +296,10 @@ def messages(p: data.Puzzle, system: str | None = None) -> list[dict]:
     return [{"role": "system", "content": system or p.system}, {"role": "user", "content": p.user}]
 
 
-def embedded_sampler(cells: data.CellSplit) -> tuple[data.PuzzleSampler, tuple[int, int]]:
-    """The embedded default's puzzles of train cells (augmented afresh) and their N range, capped by the donors."""
-    sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment, data.CPU.p_range)
+def embedded_sampler(cells: data.CellSplit, mix: float = 0.0) -> tuple[data.PuzzleSampler, tuple[int, int]]:
+    """The embedded default's puzzles of train cells (augmented afresh; `mix`: see PuzzleSampler.genes_of) and their N
+    range, capped by the donors."""
+    sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment, data.CPU.p_range, mix)
     return sampler, (data.CPU.n_range[0], min(data.CPU.n_range[1], sampler.max_n()))
 
 
@@ -321,11 +322,11 @@ class Examples:
     traces) or a CellPuzzles file / folder / hub id (its `reasoning` split, every row a full trace)."""
 
     def __init__(self, source: str, seed: int, split: str = "reasoning", skip_bad: bool = False,
-                 trace_order: str = "cell", ramp: int = 0, trace_form: str = "type"):
+                 trace_order: str = "cell", ramp: int = 0, trace_form: str = "type", mix: float = 0.0):
         self.seed, self.trace_order, self.ramp, self.trace_form = seed, trace_order, ramp, trace_form
         if source == "embedded":
             cells = data.embedded()
-            self.sampler, self.n_range = embedded_sampler(cells)
+            self.sampler, self.n_range = embedded_sampler(cells, mix)
             self.teacher = data.fit_embedded_teacher(cells)
             self.rows = None
         else:
@@ -436,6 +437,8 @@ def parse_args(argv=None):
                    "cell's best fit in cell order, then the repeated types resolved")
     p.add_argument("--trace-form", default="type", choices=["evidence", "type"],
                    help="embedded teacher traces: 'markers -> type' per cell, or 'type (markers)'")
+    p.add_argument("--mix", type=float, default=0.0, help="embedded data: probability that a train cell is pooled with "
+                   "another train cell of its type and thinned to half depth (a new cell of the type)")
     p.add_argument("--curriculum", type=float, default=None, help="embedded data: fraction of the run over which the "
                    "largest N grows from the smallest to the largest of the range (0: the full range from step 0; default: tiny "
                    "0.5, else 0)")
@@ -489,7 +492,8 @@ def main(argv=None):
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world})")
     start = prepare_run_dir(args.out, args.resume, "sft_log.jsonl")
-    examples = Examples(args.data, args.seed, args.split, args.skip_bad, args.trace_order, trace_form=args.trace_form)
+    examples = Examples(args.data, args.seed, args.split, args.skip_bad, args.trace_order, trace_form=args.trace_form,
+                        mix=args.mix)
     if args.steps:
         steps = args.steps
     elif len(examples):

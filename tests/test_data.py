@@ -127,6 +127,42 @@ def test_no_test_cell_in_train_puzzles(pbmc):
             assert genes == data.top_genes(split.data.values[c], split.data.genes, data.CPU.n_genes)
 
 
+@pytest.mark.parametrize("mix", [0.0, 0.5, 1.0])
+def test_mix_pools_a_cell_with_a_mate_of_its_type_and_donor(pbmc, monkeypatch, mix):
+    """PuzzleSampler(mix=...): each augmented cell is thinned from its own counts (p_range as given) or, with
+    probability mix, from its counts plus those of another pool cell of its type and donor (p_range halved)."""
+    split, _ = pbmc
+    d = split.data
+    calls = []
+    real = data.downsample
+
+    def spy(counts, rng, p_range):
+        calls.append((counts.copy(), p_range))
+        return real(counts, rng, p_range)
+
+    monkeypatch.setattr(data, "downsample", spy)
+    sampler = data.PuzzleSampler(d, split.train, 20, augment=True, p_range=(0.3, 1.0), mix=mix)
+    rng = np.random.default_rng(0)
+    train = set(split.train.tolist())
+    pooled = 0
+    for _ in range(60):
+        calls.clear()
+        p = sampler.sample(5, rng)
+        assert len(calls) == p.n
+        for c, (counts, p_range) in zip(p.cell_ids, calls):
+            rest = counts - d.values[c]
+            if not rest.any():
+                assert p_range == (0.3, 1.0)
+                continue
+            pooled += 1
+            assert p_range == (0.15, 0.5)
+            mates = [m for m in train if m != c and (d.values[m] == rest).all()]
+            assert mates and all(d.labels[m] == d.labels[c] and d.donors[m] == d.donors[c] for m in mates)
+    assert pooled == 0 if mix == 0 else 0.3 * 300 * mix < pooled <= 300 * mix + 30
+    with pytest.raises(ValueError, match="augment"):
+        data.PuzzleSampler(d, split.train, 20, augment=False, mix=0.5)
+
+
 def test_split_needs_cells_on_both_sides():
     with pytest.raises(ValueError, match="type .Zeta. has 1 cells; need 3"):
         data.split_cells(tiny())
