@@ -325,12 +325,13 @@ class PuzzleSampler:
     Cell order = the order the types were drawn. Every choice goes through the given numpy Generator."""
 
     def __init__(self, data: CellData, pool: np.ndarray, n_genes: int, augment: bool = False, p_range=(0.3, 0.8),
-                 mix: float = 0.0):
+                 mix: float = 0.0, ambient: float = 0.0):
         if augment and not data.counts:
             raise ValueError("augment needs integer counts (CellData.counts)")
-        if mix and not augment:
-            raise ValueError("mix pools UMI counts: it needs augment")
-        self.data, self.n_genes, self.augment, self.p_range, self.mix = data, n_genes, augment, p_range, mix
+        if (mix or ambient) and not augment:
+            raise ValueError("mix and ambient pool UMI counts: they need augment")
+        self.data, self.n_genes, self.augment, self.p_range = data, n_genes, augment, p_range
+        self.mix, self.ambient = mix, ambient
         self.groups: dict[str, dict[str, list[int]]] = {}   # donor -> type -> cells
         for c in np.sort(pool):
             self.groups.setdefault(str(data.donors[c]), {}).setdefault(str(data.labels[c]), []).append(c)
@@ -340,16 +341,22 @@ class PuzzleSampler:
     def max_n(self) -> int:
         return max(len(g) for g in self.groups.values())
 
-    def genes_of(self, c: int, rng: np.random.Generator, mates=()) -> list[str]:
-        """Cell c's top genes; augmented: thinned afresh. With probability `mix` (and a mate: another pool cell of c's
-        type and donor) c's counts are pooled with the mate's and thinned to half the depth, a new cell of the type
-        at a depth like the others': more distinct cells for a small model to learn the markers from."""
+    def genes_of(self, c: int, rng: np.random.Generator, mates=(), strangers=()) -> list[str]:
+        """Cell c's top genes; augmented: thinned afresh. Two ways to make new cells for a small model to learn the
+        markers from (the teacher's trace is computed on whatever genes result):
+        - with probability `mix` (and a mate: another pool cell of c's type and donor) c's counts are pooled with the
+          mate's and thinned to half the depth, a new cell of the type at a depth like the others';
+        - with probability `ambient` (and a stranger: a pool cell of another type, same donor) a random 5-30% of the
+          stranger's UMIs are added, like ambient RNA or a partial doublet."""
         if not self.augment:
             return self.cache[c]
         counts, depth = self.data.values[c], 1.0
         if self.mix and len(mates) > 1 and rng.random() < self.mix:
             others = [m for m in mates if m != c]
             counts, depth = counts + self.data.values[others[rng.integers(len(others))]], 0.5
+        if self.ambient and len(strangers) and rng.random() < self.ambient:
+            counts = counts + rng.binomial(self.data.values[strangers[rng.integers(len(strangers))]],
+                                           rng.uniform(0.05, 0.3))
         p_range = (self.p_range[0] * depth, self.p_range[1] * depth)
         genes = top_genes(downsample(counts, rng, p_range), self.data.genes, self.n_genes)
         return genes or top_genes(self.data.values[c], self.data.genes, self.n_genes)
@@ -362,7 +369,8 @@ class PuzzleSampler:
         types = sorted(group)
         types = [types[i] for i in rng.choice(len(types), size=n, replace=False)]
         ids = [int(group[t][rng.integers(len(group[t]))]) for t in types]
-        cells = [self.genes_of(c, rng, group[t]) for c, t in zip(ids, types)]
+        strangers = {t: [x for u in group if u != t for x in group[u]] for t in types} if self.ambient else {}
+        cells = [self.genes_of(c, rng, group[t], strangers.get(t, ())) for c, t in zip(ids, types)]
         return make_puzzle(str(self.data.contexts[ids[0]]), cells, types, ids)
 
 

@@ -296,10 +296,12 @@ def messages(p: data.Puzzle, system: str | None = None) -> list[dict]:
     return [{"role": "system", "content": system or p.system}, {"role": "user", "content": p.user}]
 
 
-def embedded_sampler(cells: data.CellSplit, mix: float = 0.0) -> tuple[data.PuzzleSampler, tuple[int, int]]:
-    """The embedded default's puzzles of train cells (augmented afresh; `mix`: see PuzzleSampler.genes_of) and their N
-    range, capped by the donors."""
-    sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment, data.CPU.p_range, mix)
+def embedded_sampler(cells: data.CellSplit, mix: float = 0.0, ambient: float = 0.0) -> tuple[data.PuzzleSampler,
+                                                                                              tuple[int, int]]:
+    """The embedded default's puzzles of train cells (augmented afresh; `mix`, `ambient`: see PuzzleSampler.genes_of)
+    and their N range, capped by the donors."""
+    sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment, data.CPU.p_range, mix,
+                                 ambient)
     return sampler, (data.CPU.n_range[0], min(data.CPU.n_range[1], sampler.max_n()))
 
 
@@ -322,11 +324,12 @@ class Examples:
     traces) or a CellPuzzles file / folder / hub id (its `reasoning` split, every row a full trace)."""
 
     def __init__(self, source: str, seed: int, split: str = "reasoning", skip_bad: bool = False,
-                 trace_order: str = "cell", ramp: int = 0, trace_form: str = "type", mix: float = 0.0):
+                 trace_order: str = "cell", ramp: int = 0, trace_form: str = "type", mix: float = 0.0,
+                 ambient: float = 0.0):
         self.seed, self.trace_order, self.ramp, self.trace_form = seed, trace_order, ramp, trace_form
         if source == "embedded":
             cells = data.embedded()
-            self.sampler, self.n_range = embedded_sampler(cells, mix)
+            self.sampler, self.n_range = embedded_sampler(cells, mix, ambient)
             self.teacher = data.fit_embedded_teacher(cells)
             self.rows = None
         else:
@@ -439,6 +442,8 @@ def parse_args(argv=None):
                    help="embedded teacher traces: 'markers -> type' per cell, or 'type (markers)'")
     p.add_argument("--mix", type=float, default=0.0, help="embedded data: probability that a train cell is pooled with "
                    "another train cell of its type and thinned to half depth (a new cell of the type)")
+    p.add_argument("--ambient", type=float, default=0.0, help="embedded data: probability that a train cell gets 5-30%% "
+                   "of the UMIs of a train cell of another type (same donor), like ambient RNA")
     p.add_argument("--curriculum", type=float, default=None, help="embedded data: fraction of the run over which the "
                    "largest N grows from the smallest to the largest of the range (0: the full range from step 0; default: tiny "
                    "0.5, else 0)")
@@ -493,7 +498,7 @@ def main(argv=None):
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world})")
     start = prepare_run_dir(args.out, args.resume, "sft_log.jsonl")
     examples = Examples(args.data, args.seed, args.split, args.skip_bad, args.trace_order, trace_form=args.trace_form,
-                        mix=args.mix)
+                        mix=args.mix, ambient=args.ambient)
     if args.steps:
         steps = args.steps
     elif len(examples):

@@ -163,6 +163,29 @@ def test_mix_pools_a_cell_with_a_mate_of_its_type_and_donor(pbmc, monkeypatch, m
         data.PuzzleSampler(d, split.train, 20, augment=False, mix=0.5)
 
 
+def test_ambient_adds_part_of_a_stranger_of_another_type(pbmc, monkeypatch):
+    """PuzzleSampler(ambient=1): every cell gets up to 30% of the UMIs of one pool cell of another type, same donor,
+    before the usual thinning (p_range unchanged)."""
+    split, _ = pbmc
+    d = split.data
+    calls = []
+    real = data.downsample
+    monkeypatch.setattr(data, "downsample", lambda counts, rng, p_range: calls.append((counts.copy(), p_range)) or
+                        real(counts, rng, p_range))
+    sampler = data.PuzzleSampler(d, split.train, 20, augment=True, p_range=(0.3, 1.0), ambient=1.0)
+    rng = np.random.default_rng(0)
+    train = split.train.tolist()
+    for _ in range(30):
+        calls.clear()
+        p = sampler.sample(4, rng)
+        for c, (counts, p_range) in zip(p.cell_ids, calls):
+            extra = counts - d.values[c]
+            assert p_range == (0.3, 1.0) and extra.min() >= 0 and extra.any()
+            strangers = [s for s in train if d.labels[s] != d.labels[c] and d.donors[s] == d.donors[c]
+                         and (extra <= d.values[s]).all() and extra.sum() <= 0.45 * d.values[s].sum()]
+            assert strangers, "the added UMIs are not part of one cell of another type"
+
+
 def test_split_needs_cells_on_both_sides():
     with pytest.raises(ValueError, match="type .Zeta. has 1 cells; need 3"):
         data.split_cells(tiny())
