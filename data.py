@@ -391,7 +391,7 @@ def train_stream(split: CellSplit, cfg: PuzzleConfig = CPU, seed: int = 0, teach
     while True:
         p = sampler.sample(int(rng.integers(lo, hi + 1)), rng)
         if teacher is not None:
-            trace = teacher.accepted_trace(p, order="cell", form="type")  # the form train_sft.py trains on
+            trace = teacher.accepted_trace(p, order="fix", form="type")  # the form train_sft.py trains the tiny model on
             if trace is None:
                 continue
             p.assistant = trace

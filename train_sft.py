@@ -435,15 +435,17 @@ def parse_args(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of failing")
     p.add_argument("--system", default=None, choices=["released", "short"],
                    help="system turn: the released instruction, or a one-line one (default: tiny short, else released)")
-    p.add_argument("--trace-order", default="cell", choices=["confidence", "cell", "fix"],
+    p.add_argument("--trace-order", default=None, choices=["confidence", "cell", "fix"],
                    help="embedded teacher traces: resolve cells most confident first, in cell order, or 'fix': every "
-                   "cell's best fit in cell order, then the repeated types resolved")
+                   "cell's best fit in cell order, then the repeated types resolved (default: tiny fix, else cell)")
     p.add_argument("--trace-form", default="type", choices=["evidence", "type"],
                    help="embedded teacher traces: 'markers -> type' per cell, or 'type (markers)'")
-    p.add_argument("--mix", type=float, default=0.0, help="embedded data: probability that a train cell is pooled with "
-                   "another train cell of its type and thinned to half depth (a new cell of the type)")
-    p.add_argument("--ambient", type=float, default=0.0, help="embedded data: probability that a train cell gets 5-30%% "
-                   "of the UMIs of a train cell of another type (same donor), like ambient RNA")
+    p.add_argument("--mix", type=float, default=None, help="embedded data: probability that a train cell is pooled with "
+                   "another train cell of its type and thinned to half depth (a new cell of the type; default: tiny 0.5, "
+                   "else 0)")
+    p.add_argument("--ambient", type=float, default=None, help="embedded data: probability that a train cell gets "
+                   "5-30%% of the UMIs of a train cell of another type (same donor), like ambient RNA (default: tiny "
+                   "0.5, else 0)")
     p.add_argument("--curriculum", type=float, default=None, help="embedded data: fraction of the run over which the "
                    "largest N grows from the smallest to the largest of the range (0: the full range from step 0; default: tiny "
                    "0.5, else 0)")
@@ -456,9 +458,11 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward per rank (default: tiny 8, "
                    "else 1)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: tiny 1e-3, else 5e-5)")
-    p.add_argument("--optim", default="adamw", choices=["adamw", "muon"],
-                   help="AdamW on all weights, or Muon on the blocks' matrices + AdamW on the rest")
-    p.add_argument("--muon-lr", type=float, default=0.02, help="peak lr of Muon's matrices (with --optim muon)")
+    p.add_argument("--optim", default=None, choices=["adamw", "muon"],
+                   help="AdamW on all weights, or Muon on the blocks' matrices + AdamW on the rest (default: tiny muon, "
+                   "else adamw)")
+    p.add_argument("--muon-lr", type=float, default=None, help="peak lr of Muon's matrices (with --optim muon; "
+                   "default: tiny 0.01, else 0.02)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: tiny 20, else 0)")
     p.add_argument("--schedule", default=None, choices=["cosine", "linear", "constant"],
                    help="decay after warmup (default: tiny cosine, else linear as the reference)")
@@ -468,7 +472,7 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=4096, help="longest training sequence in tokens (longer is an error)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every k steps (and at the end); 0: end only "
-                   "(default: tiny 350, else 100)")
+                   "(default: tiny 700, else 100)")
     p.add_argument("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N; default 10 / 200)")
     p.add_argument("--eval-max-new-tokens", type=int, default=None, help="decode budget (default: tiny 512, else 3500)")
     p.add_argument("--save-every", type=int, default=175, help="checkpoint every k steps (and at the end)")
@@ -477,11 +481,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
     # The tiny column was chosen by measurement (README, "Making the tiny model learn"): small batches and many
-    # optimizer steps, N growing from 3 (curriculum), the one-line system turn.
+    # optimizer steps, N growing from 3 (curriculum), the one-line system turn, the fix-order trace, Muon, and new
+    # cells made by pooling (mix) and ambient UMIs (the model learns the markers instead of its 490 train cells).
     for k, t, real in [("batch_size", 8, 96), ("micro_batch", 8, 1), ("lr", 1e-3, 5e-5), ("warmup", 20, 0),
                        ("schedule", "cosine", "linear"), ("weight_decay", 0.1, 0.0), ("eval_puzzles", 10, 200),
                        ("eval_max_new_tokens", 512, 3500), ("steps", 1400, None), ("curriculum", 0.5, 0.0),
-                       ("system", "short", "released"), ("eval_every", 350, 100)]:
+                       ("system", "short", "released"), ("eval_every", 700, 100), ("trace_order", "fix", "cell"),
+                       ("optim", "muon", "adamw"), ("muon_lr", 0.01, 0.02), ("mix", 0.5, 0.0), ("ambient", 0.5, 0.0)]:
         if getattr(args, k) is None:
             setattr(args, k, t if tiny else real)
     return args
