@@ -522,7 +522,7 @@ def parse_args(argv=None):
     a("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
     a("--mini-batches", type=int, default=1, help="optimizer steps per pass (the rollout batch split by group)")
     a("--micro-batch", type=int, default=None, help="sequences per forward per rank (default: tiny 16, else 2)")
-    a("--lr", type=float, default=None, help="learning rate (default: tiny 2e-4, else 1e-6)")
+    a("--lr", type=float, default=None, help="learning rate (default: tiny 5e-5, else 1e-6)")
     a("--warmup", type=int, default=0, help="warmup steps")
     a("--schedule", default="constant", choices=["constant", "cosine", "linear"], help="lr after warmup")
     a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (cosine / linear)")
@@ -551,7 +551,7 @@ def resolve_defaults(args, tiny: bool):
     """Fill the defaults left None: the tiny-model column (a model under 100M parameters, i.e. the CPU default) or
     the reference recipe's."""
     for k, t, real in [("prompts_per_step", 16, 64), ("n", 8, 5), ("max_new_tokens", 512, 3000), ("kl_coef", 0.0, 1e-3),
-                       ("micro_batch", 16, 2), ("lr", 2e-4, 1e-6), ("eval_every", 25, 100), ("eval_puzzles", 20, 200),
+                       ("micro_batch", 16, 2), ("lr", 5e-5, 1e-6), ("eval_every", 25, 100), ("eval_puzzles", 20, 200),
                        ("eval_max_new_tokens", 512, 3500), ("save_every", 25, 100)]:
         if getattr(args, k) is None:
             setattr(args, k, t if tiny else real)
