@@ -48,9 +48,11 @@ def main():
     ap.add_argument("model", help="final model folder of a train_sft.py run on the embedded data")
     ap.add_argument("--per-n", type=int, default=50, help="held-out puzzles per N (the results table uses 50)")
     ap.add_argument("--train-per-n", type=int, default=20, help="train-cell puzzles per N")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the held-out puzzles (0: the results table's set; others: "
+                    "independent sets of the same held-out cells)")
     args = ap.parse_args()
     split = data.embedded()
-    test = data.test_puzzles(split, data.CPU, per_n=args.per_n, seed=0)
+    test = data.test_puzzles(split, data.CPU, per_n=args.per_n, seed=args.seed)
     rng = np.random.default_rng(0)
     sampler = data.PuzzleSampler(split.data, split.train, data.CPU.n_genes)  # not augmented: full depth
     train = [sampler.sample(n, rng) for n in range(data.CPU.n_range[0], data.CPU.n_range[1] + 1)
