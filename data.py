@@ -506,12 +506,12 @@ class Teacher:
         col = hungarian(s)
         best = s.argmax(1)
         types = [p.candidates[j] for j in col]
+        sep = "; " if any("," in c for c in p.candidates) else ", "   # released names can hold commas
         if order == "fix":
-            return self._fix_trace(p, col, best, say, types), types
+            return self._fix_trace(p, col, best, say, sep, types), types
         owner = {int(j): i for i, j in enumerate(col)}
         visit = list(range(p.n)) if order == "cell" else self._confidence_order(s, col, best, owner)
         free, placed, lines = list(p.candidates), set(), []
-        sep = "; " if any("," in c for c in free) else ", "   # released names can hold commas
         for i in visit:
             t = p.candidates[col[i]]
             line = f"Cell {i + 1}: "
@@ -528,7 +528,7 @@ class Teacher:
             lines.append(line)
         return render_completion("\n".join(lines), types), types
 
-    def _fix_trace(self, p: Puzzle, col, best, say, types: list[str]) -> str:
+    def _fix_trace(self, p: Puzzle, col, best, say, sep: str, types: list[str]) -> str:
         """order="fix": first every cell's best fit on its own (the per-cell argmax, one local decision per line),
         then the types named twice, the unused ones, and a new line for each cell the one-to-one optimum moves. A
         cell's last line is its answer. No lookahead is needed before a line is written: conflicts are resolved
@@ -542,7 +542,6 @@ class Teacher:
         if not twice:
             lines.append("Every type is used once")
         else:
-            sep = "; " if any("," in c for c in p.candidates) else ", "   # released names can hold commas
             dup = "; ".join(f"{p.candidates[j]} (cells {', '.join(str(i + 1) for i in cs)})" for j, cs in twice)
             unused = sep.join(c for j, c in enumerate(p.candidates) if j not in claims)
             lines.append(f"Repeated: {dup}. Unused: {unused}")

@@ -127,20 +127,26 @@ def test_no_test_cell_in_train_puzzles(pbmc):
             assert genes == data.top_genes(split.data.values[c], split.data.genes, data.CPU.n_genes)
 
 
-@pytest.mark.parametrize("mix", [0.0, 0.5, 1.0])
-def test_mix_pools_a_cell_with_a_mate_of_its_type_and_donor(pbmc, monkeypatch, mix):
-    """PuzzleSampler(mix=...): each augmented cell is thinned from its own counts (p_range as given) or, with
-    probability mix, from its counts plus those of another pool cell of its type and donor (p_range halved)."""
-    split, _ = pbmc
-    d = split.data
-    calls = []
-    real = data.downsample
+@pytest.fixture
+def downsample_calls(monkeypatch):
+    """The (counts, p_range) of every data.downsample call, in order, the real thinning still done."""
+    calls, real = [], data.downsample
 
     def spy(counts, rng, p_range):
         calls.append((counts.copy(), p_range))
         return real(counts, rng, p_range)
 
     monkeypatch.setattr(data, "downsample", spy)
+    return calls
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.5, 1.0])
+def test_mix_pools_a_cell_with_a_mate_of_its_type_and_donor(pbmc, downsample_calls, mix):
+    """PuzzleSampler(mix=...): each augmented cell is thinned from its own counts (p_range as given) or, with
+    probability mix, from its counts plus those of another pool cell of its type and donor (p_range halved)."""
+    split, _ = pbmc
+    d = split.data
+    calls = downsample_calls
     sampler = data.PuzzleSampler(d, split.train, 20, augment=True, p_range=(0.3, 1.0), mix=mix)
     rng = np.random.default_rng(0)
     train = set(split.train.tolist())
@@ -163,15 +169,12 @@ def test_mix_pools_a_cell_with_a_mate_of_its_type_and_donor(pbmc, monkeypatch, m
         data.PuzzleSampler(d, split.train, 20, augment=False, mix=0.5)
 
 
-def test_ambient_adds_part_of_a_stranger_of_another_type(pbmc, monkeypatch):
+def test_ambient_adds_part_of_a_stranger_of_another_type(pbmc, downsample_calls):
     """PuzzleSampler(ambient=1): every cell gets up to 30% of the UMIs of one pool cell of another type, same donor,
     before the usual thinning (p_range unchanged)."""
     split, _ = pbmc
     d = split.data
-    calls = []
-    real = data.downsample
-    monkeypatch.setattr(data, "downsample", lambda counts, rng, p_range: calls.append((counts.copy(), p_range)) or
-                        real(counts, rng, p_range))
+    calls = downsample_calls
     sampler = data.PuzzleSampler(d, split.train, 20, augment=True, p_range=(0.3, 1.0), ambient=1.0)
     rng = np.random.default_rng(0)
     train = split.train.tolist()
