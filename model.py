@@ -9,6 +9,8 @@ checkpoint's state dict loads with no renaming table.
 
 Three ways to call the model (all share one code path):
     model(input_ids)                                   training / full recompute: causal attention over the row
+    model(ids, positions=p, packed=lens)               packed training row (B == 1): sequences of lengths `lens`
+                                                       back to back, each with its own positions and causal attention
     model(ids, cache=kv, groups=g, seq_lens=n)         prefill: row b is the prompt of prompt group g[b], from
                                                        position 0, right-padded to T with n[b] real tokens; its K/V
                                                        go to the group's prompt segment, kv.prompt_len[g[b]] = n[b]
@@ -164,10 +166,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, slots=None, groups=None, seq_lens=None):
+    def forward(self, x, cos, sin, cache=None, slots=None, groups=None, seq_lens=None, packed=None):
         """Cache modes (see `Transformer.hidden`): prefill (slots None): row b is the prompt of group groups[b] with
         seq_lens[b] real tokens; decode: row b is slot slots[b] of group groups[b] with seq_lens[b] generated keys
-        including the new token's."""
+        including the new token's. Without a cache, `packed` (lengths summing to T) splits the row into sequences."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -175,8 +177,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             # training / full recompute: SDPA picks flash or memory-efficient kernels on GPU and has a backward
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=self.n_heads != self.n_kv)
+            gqa = self.n_heads != self.n_kv
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
+            if packed is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:  # one causal attention per packed sequence: no padded keys or queries, no cross-sequence mask
+                o = torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=gqa)
+                               for a, b, c in zip(q.split(packed, 2), k.split(packed, 2), v.split(packed, 2))], 2)
             o = o.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
         elif slots is None:
             # prefill from position 0: attend within the new tokens, then store them in the prompt segment (padded
@@ -251,9 +258,10 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
         return self
 
-    def hidden(self, input_ids, positions=None, cache=None, slots=None, groups=None, seq_lens=None):
+    def hidden(self, input_ids, positions=None, cache=None, slots=None, groups=None, seq_lens=None, packed=None):
         """input_ids (B, T) -> final normed hidden states (B, T, hidden). See the module docstring for the cache:
-        with a cache, `groups` (prompt groups) means prefill and `slots` (row slots, T == 1) means decode."""
+        with a cache, `groups` (prompt groups) means prefill and `slots` (row slots, T == 1) means decode; without
+        one, `packed` (sequence lengths summing to T, with their positions in `positions`) means a packed row."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -272,9 +280,9 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # recompute the block in backward instead of storing its activations (training only, no cache)
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, packed=packed, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache=cache, slots=slots, groups=groups, seq_lens=seq_lens)
+                x = block(x, cos, sin, cache=cache, slots=slots, groups=groups, seq_lens=seq_lens, packed=packed)
         return self.model.norm(x)
 
     def forward(self, input_ids, logits_at=None, **kwargs):

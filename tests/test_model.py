@@ -72,6 +72,25 @@ def test_logits_match_transformers_bf16(saved):
     assert rel_err(a, b) < 2e-3
 
 
+def test_packed_row_equals_separate_rows(saved):
+    """model(row, positions, packed=lens) (training's packed micro-batch) == each sequence on its own, whose logits
+    match transformers above; also through activation checkpointing, and its gradients."""
+    name, _, d = saved
+    ours = Transformer.from_pretrained(d, dtype=torch.float32)
+    lens = (5, 17, 1, 9)
+    seqs = [ids(CONFIGS[name]["vocab_size"], B=1, T=n, seed=i) for i, n in enumerate(lens)]
+    row, pos = torch.cat(seqs, 1), torch.cat([torch.arange(n) for n in lens])[None]
+    with torch.no_grad():
+        alone = torch.cat([ours(s) for s in seqs], 1)
+        assert rel_err(ours(row, positions=pos, packed=lens), alone) < 1e-5
+    ours.grad_checkpointing = True
+    ours(row, positions=pos, packed=lens).square().mean().backward()
+    g_packed = ours.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    ours.zero_grad()
+    (torch.cat([ours(s) for s in seqs], 1).square().mean()).backward()
+    assert rel_err(g_packed, ours.model.layers[0].self_attn.q_proj.weight.grad) < 1e-4
+
+
 def test_tied_embeddings_share_storage(saved):
     name, _, d = saved
     m = Transformer.from_pretrained(d, dtype=torch.float32)

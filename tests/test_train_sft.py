@@ -24,19 +24,24 @@ def test_loss_mask_is_exactly_the_completion_and_end():
     completion = "<think>x</think>\n<answer>CD14+ Monocyte | CD4+/CD45RO+ Memory</answer>"
     a = tokenize(tok, p, completion, end, 10_000, "a")
     b = tokenize(tok, p, "<think>y</think>\n<answer>B | A</answer>", end, 10_000, "b")
-    x, y, sel = collate([a, b], "cpu")
+    x, y, sel, pos, lens = collate([a, b], "cpu")
+    na, nb = len(a[0]), len(b[0])
+    assert lens[:2] == (na, nb) and sum(lens) == x.shape[1] and x.shape[1] % 64 == 0  # packed, then a filler
+    assert x[0, :na].tolist() == a[0] and x[0, na:na + nb].tolist() == b[0]
+    assert pos[0, :na].tolist() == list(range(na)) and pos[0, na:na + nb].tolist() == list(range(nb))  # own positions
+    x, y, sel = x[0], y[0], sel[0]
     loss = y >= 0  # the positions the loss counts
     want = tok.encode(completion, add_special_tokens=False).ids + [end]
-    assert y[0][loss[0]].tolist() == want  # the targets: every completion token and <|im_end|>
-    assert loss[0].nonzero()[0].item() == a[1] - 1  # first loss position is the last prompt token
-    assert x[0, a[1]:len(a[0])].tolist() == want  # and those targets are the inputs that follow
-    n_b = len(b[0]) - b[1]
-    assert loss[1].sum().item() == n_b and not loss[1, len(b[0]) - 1:].any()  # padding never counts
+    want_b = b[0][b[1]:]
+    assert y[loss].tolist() == want + want_b  # the targets: every completion token and <|im_end|>, of both
+    assert loss.nonzero()[0].item() == a[1] - 1  # first loss position is the last prompt token
+    assert x[a[1]:na].tolist() == want  # and those targets are the inputs that follow
+    assert loss[na + b[1] - 1:na + nb - 1].all() and loss.sum().item() == len(want) + len(want_b)
+    assert not loss[na - 1] and not loss[na + nb - 1:].any()  # nothing predicts across sequences or in the filler
     assert (sel & loss).equal(loss)  # lm_head runs on every loss position...
-    assert x.shape[1] % 64 == 0 and sel.sum() % 64 == 0  # ...plus a few prompt positions: bucketed shapes
-    assert not (sel & ~loss)[0, a[1] - 1:].any() and not (sel & ~loss)[1, b[1] - 1:].any()
-    x[1, len(b[0]):] = end  # even a pad id equal to the end id changes nothing: the targets come from lengths
-    assert collate([a, b], "cpu")[1].equal(y)
+    assert sel.sum() % 64 == 0  # ...plus a few prompt positions: bucketed shapes
+    assert not (sel & ~loss)[a[1] - 1:na].any() and not (sel & ~loss)[na + b[1] - 1:].any()
+    assert not x[na + nb:].any()  # the filler is id 0 (the targets come from lengths, never from a pad id)
     with pytest.raises(ValueError, match="--max-len"):
         tokenize(tok, p, completion, end, 20, "row 7")
 
@@ -64,12 +69,15 @@ def weights(out):
     return Transformer.from_pretrained(os.path.join(out, "model"), dtype=torch.float32).state_dict()
 
 
-OPTIMS = {"adamw": [], "muon": ["--optim", "muon", "--muon-lr", "2e-3"]}
+OPTIMS = {"adamw": [], "muon": ["--optim", "muon", "--muon-lr", "2e-3"],
+          # the weight average from step 1 on: its shadows must come back from the checkpoint exactly
+          "muon+ema": ["--optim", "muon", "--muon-lr", "2e-3", "--ema", "0.5", "--ema-start", "0.2"]}
 
 
 def test_two_ranks_equal_one_rank(tiny_dir, tmp_path):
-    run(sft_cmd(tiny_dir, tmp_path / "r1", nproc=1))
-    run(sft_cmd(tiny_dir, tmp_path / "r2", nproc=2))
+    ema = ["--ema", "0.5", "--ema-start", "0.25"]  # the published model is the average of steps 1..4 (sharded shadows)
+    run(sft_cmd(tiny_dir, tmp_path / "r1", nproc=1, extra=ema))
+    run(sft_cmd(tiny_dir, tmp_path / "r2", nproc=2, extra=ema))
     r1 = [r for r in log(tmp_path / "r1") if "loss" in r]
     r2 = [r for r in log(tmp_path / "r2") if "loss" in r]
     assert len(r1) == 4 and [r["loss"] for r in r1] == pytest.approx([r["loss"] for r in r2], rel=1e-4)
@@ -102,6 +110,48 @@ def test_kill9_and_resume_equals_uninterrupted(tiny_dir, tmp_path, optim, kill9_
     wa, wb = weights(tmp_path / "full"), weights(out)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_ema_by_hand():
+    """shadow = the weights up to step `start`, then decay * shadow + (1 - decay) * weights; swap exchanges them."""
+    from train_sft import EMA
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.9, start=2)
+    seen = []
+    for step in range(1, 6):
+        with torch.no_grad():
+            net.weight.copy_(torch.randn(2, 3))  # an "optimizer step"
+        seen.append(net.weight.detach().clone())
+        ema.update(step)
+    want = seen[1]
+    for w in seen[2:]:
+        want = 0.9 * want + 0.1 * w
+    torch.testing.assert_close(ema.shadow["weight"], want)
+    torch.testing.assert_close(ema.shadow["bias"], net.bias.detach())  # never changed: the average is itself
+    ema.swap()
+    torch.testing.assert_close(net.weight.detach(), want)
+    torch.testing.assert_close(ema.shadow["weight"], seen[-1])
+    ema.swap()
+    torch.testing.assert_close(net.weight.detach(), seen[-1])
+
+
+def test_published_model_is_the_ema(tiny_dir, tmp_path):
+    """With --ema, model/ (and checkpoint/model/) holds the shadows saved in the training state, not the weights;
+    resuming a run with a different --ema is refused before anything is loaded."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    out = tmp_path / "r"
+    run(sft_cmd(tiny_dir, out, steps=4, extra=["--ema", "0.5", "--ema-start", "0.25"]))
+    dcp_to_torch_save(str(out / "checkpoint" / "state"), str(tmp_path / "state.pt"))
+    state = torch.load(tmp_path / "state.pt")
+    pub = weights(out)
+    moved = 0
+    for k, v in state["ema"].items():
+        torch.testing.assert_close(pub[k], v.float(), msg=k)
+        moved += not torch.equal(v, state["model"][k])
+    assert moved > 0  # the average is not the last weights
+    r = subprocess.run(sft_cmd(tiny_dir, out, steps=6, extra=["--resume"]), env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0 and "--ema" in r.stderr
 
 
 def test_checkpoint_loads_in_transformers(tiny_dir, tmp_path):
