@@ -536,7 +536,8 @@ def parse_args(argv=None):
                    "(default: tiny 700, else 100)")
     p.add_argument("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N; default 10 / 200)")
     p.add_argument("--eval-max-new-tokens", type=int, default=None, help="decode budget (default: tiny 512, else 3500)")
-    p.add_argument("--save-every", type=int, default=175, help="checkpoint every k steps (and at the end)")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every k steps (and at the end; default: "
+                   "tiny 700, else 175)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -549,7 +550,7 @@ def parse_args(argv=None):
                        ("eval_max_new_tokens", 512, 3500), ("steps", 1400, None), ("curriculum", 0.5, 0.0),
                        ("system", "short", "released"), ("eval_every", 700, 100), ("trace_order", "fix", "cell"),
                        ("optim", "muon", "adamw"), ("muon_lr", 0.01, 0.02), ("mix", 0.5, 0.0), ("ambient", 0.5, 0.0),
-                       ("ema", 0.995, 0.0)]:
+                       ("ema", 0.995, 0.0), ("save_every", 700, 175)]:
         if getattr(args, k) is None:
             setattr(args, k, t if tiny else real)
     return args
