@@ -613,7 +613,7 @@ def main(argv=None):
         first = step * args.batch_size + rank * per_rank  # this rank's contiguous share of the global batch
         batch = [tokenize(tok, *examples[i], end_id, args.max_len, f"example {i}", system)
                  for i in range(first, first + per_rank)]
-        batch.sort(key=lambda b: len(b[0]))  # micro-batches of similar lengths (packed: the loss does not depend on it)
+        batch.sort(key=lambda b: len(b[0]))  # packed, the loss does not depend on the order: kept so runs reproduce
         micro = [collate(batch[j:j + args.micro_batch], device) for j in range(0, per_rank, args.micro_batch)]
         # completion tokens and all tokens in the global batch (the first is the token-mean's denominator)
         counts = torch.tensor([sum((y >= 0).sum().item() for _, y, *_ in micro), sum(len(ids) for ids, _ in batch)],
