@@ -529,14 +529,18 @@ class Teacher:
         return render_completion("\n".join(lines), types), types
 
     def _fix_trace(self, p: Puzzle, col, best, say, sep: str, types: list[str]) -> str:
-        """order="fix": first every cell's best fit on its own (the per-cell argmax, one local decision per line),
-        then the types named twice, the unused ones, and a new line for each cell the one-to-one optimum moves. A
-        cell's last line is its answer. No lookahead is needed before a line is written: conflicts are resolved
-        once they are all on the page."""
+        """order="fix": first every cell's best fit on its own (the per-cell argmax, one local decision per line,
+        marked "as cell k" when cell k named that type before), then the types named twice, the unused ones, and a
+        new line for each cell the one-to-one optimum moves. A cell's last line is its answer. No lookahead is needed
+        before a line is written: conflicts are resolved once they are all on the page."""
         line = lambda i, j: f"Cell {i + 1}: {say(i, p.candidates[j])}"
-        lines = [line(i, j) for i, j in enumerate(best)]
-        claims = {}
+        lines, claims = [], {}
         for i, j in enumerate(best):
+            # A repeat is flagged on the line that makes it ("as cell k", k = the first cell that named the type):
+            # a local check against the lines above. Without it, "Every type is used once" is a global comparison
+            # of all N lines, which a small model gets wrong on most held-out puzzles with a repeat.
+            again = f", as cell {claims[int(j)][0] + 1}" if int(j) in claims else ""
+            lines.append(line(i, j) + again)
             claims.setdefault(int(j), []).append(i)
         twice = [(j, cs) for j, cs in sorted(claims.items(), key=lambda kv: kv[1][0]) if len(cs) > 1]
         if not twice:

@@ -322,7 +322,8 @@ def test_accepted_traces_score_one(pbmc, order, form):
 
 
 def test_fix_trace_is_argmax_then_the_moves_of_the_optimum(pbmc):
-    """order="fix": N lines of per-cell argmax in cell order; then "Every type is used once" or the repeated types
+    """order="fix": N lines of per-cell argmax in cell order, a repeat marked "as cell k" (the first cell that named
+    the type); then "Every type is used once" or the repeated types
     with their cells, the unused types, and one line per cell that the Hungarian optimum moves."""
     split, teacher = pbmc
     puzzles = take(data.train_stream(split, seed=5), 100) + data.test_puzzles(split, per_n=10)
@@ -335,6 +336,9 @@ def test_fix_trace_is_argmax_then_the_moves_of_the_optimum(pbmc):
         assert [ln.split(":")[0] for ln in lines[:p.n]] == [f"Cell {i + 1}" for i in range(p.n)]
         argmax = teacher.argmax(p)
         assert [named(ln) for ln in lines[:p.n]] == argmax
+        first = {t: argmax.index(t) for t in argmax}
+        assert [ln.rpartition(")")[2] for ln in lines[:p.n]] == [
+            f", as cell {first[t] + 1}" if first[t] < i else "" for i, t in enumerate(argmax)]
         repeated = sorted({t for t in argmax if argmax.count(t) > 1})
         if not repeated:
             assert lines[p.n:] == ["Every type is used once"] and types == argmax
