@@ -482,6 +482,13 @@ class Teacher:
     def solve(self, p: Puzzle) -> list[str]:
         return [p.candidates[j] for j in hungarian(self.scores(p))]
 
+    def hard(self, p: Puzzle) -> bool:
+        """True when the per-cell argmax repeats a type or some cell's best type among all known types is not a
+        candidate: the puzzles where the candidates and the one-to-one rule change an answer."""
+        best = [self.types[int(self.weight[:, [self.vocab[g] for g in genes if g in self.vocab]].sum(1).argmax())]
+                for genes in p.cells]
+        return len(set(self.argmax(p))) < p.n or any(t not in p.candidates for t in best)
+
     def markers(self, genes: list[str], t: str, k: int = 2) -> list[str]:
         """The k listed genes that point most to type t (ties: higher in the list first)."""
         if t not in self.types:

@@ -369,8 +369,9 @@ class Examples:
 
     def __init__(self, source: str, seed: int, split: str = "reasoning", skip_bad: bool = False,
                  trace_order: str = "cell", ramp: int = 0, trace_form: str = "type", mix: float = 0.0,
-                 ambient: float = 0.0):
+                 ambient: float = 0.0, easy_keep: float = 1.0):
         self.seed, self.trace_order, self.ramp, self.trace_form = seed, trace_order, ramp, trace_form
+        self.easy_keep = easy_keep
         if source == "embedded":
             cells = data.embedded()
             self.sampler, self.n_range = embedded_sampler(cells, mix, ambient)
@@ -394,11 +395,16 @@ class Examples:
         lo, hi = self.n_range
         if self.ramp:  # curriculum: the largest N grows linearly from lo to hi over the first `ramp` examples
             hi = lo + math.ceil((hi - lo) * min(1.0, i / self.ramp))
+        n = int(rng.integers(lo, hi + 1))
         while True:  # rejection sampling, as the paper: keep only traces whose answer is fully correct
-            p = self.sampler.sample(int(rng.integers(lo, hi + 1)), rng)
+            p = self.sampler.sample(n, rng)
             trace = self.teacher.accepted_trace(p, self.trace_order, self.trace_form)
-            if trace is not None:
-                return p, trace
+            if trace is None:
+                n = int(rng.integers(lo, hi + 1))
+                continue
+            if self.easy_keep < 1 and not self.teacher.hard(p) and rng.random() >= self.easy_keep:
+                continue  # same N: the easy ones are thinned at every N alike
+            return p, trace
 
 
 def tokenize(tok, p: data.Puzzle, completion: str, end_id: int, max_len: int, where: str,
@@ -503,6 +509,10 @@ def parse_args(argv=None):
     p.add_argument("--ambient", type=float, default=None, help="embedded data: probability that a train cell gets "
                    "5-30%% of the UMIs of a train cell of another type (same donor), like ambient RNA (default: tiny "
                    "0.5, else 0)")
+    p.add_argument("--easy-keep", type=float, default=None, help="embedded data: probability of keeping a train puzzle "
+                   "that is not hard (data.Teacher.hard: no repeat in the per-cell argmax, every cell's best type a "
+                   "candidate); below 1 the train mix moves toward held-out puzzles, which are mostly hard (default: "
+                   "tiny 0.1, else 1)")
     p.add_argument("--curriculum", type=float, default=None, help="embedded data: fraction of the run over which the "
                    "largest N grows from the smallest to the largest of the range (0: the full range from step 0; default: tiny "
                    "0.5, else 0)")
@@ -544,13 +554,15 @@ def parse_args(argv=None):
     tiny = args.model == "tiny"
     # The tiny column was chosen by measurement (README, "Making the tiny model learn"): small batches and many
     # optimizer steps, N growing from 3 (curriculum), the one-line system turn, the fix-order trace, Muon, and new
-    # cells made by pooling (mix) and ambient UMIs (the model learns the markers instead of its 490 train cells).
+    # cells made by pooling (mix) and ambient UMIs (the model learns the markers instead of its 490 train cells),
+    # and mostly hard puzzles (easy_keep: the teacher reads its own train cells too well, so few train puzzles need
+    # the candidates or the one-to-one rule, unlike held-out ones).
     for k, t, real in [("batch_size", 8, 96), ("micro_batch", 8, 1), ("lr", 1e-3, 5e-5), ("warmup", 20, 0),
                        ("schedule", "cosine", "linear"), ("weight_decay", 0.1, 0.0), ("eval_puzzles", 10, 200),
                        ("eval_max_new_tokens", 512, 3500), ("steps", 1400, None), ("curriculum", 0.5, 0.0),
                        ("system", "short", "released"), ("eval_every", 700, 100), ("trace_order", "fix", "cell"),
                        ("optim", "muon", "adamw"), ("muon_lr", 0.01, 0.02), ("mix", 0.5, 0.0), ("ambient", 0.5, 0.0),
-                       ("ema", 0.995, 0.0), ("save_every", 700, 175)]:
+                       ("ema", 0.995, 0.0), ("save_every", 700, 175), ("easy_keep", 0.1, 1.0)]:
         if getattr(args, k) is None:
             setattr(args, k, t if tiny else real)
     return args
@@ -567,7 +579,7 @@ def main(argv=None):
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world})")
     start = prepare_run_dir(args.out, args.resume, "sft_log.jsonl")
     examples = Examples(args.data, args.seed, args.split, args.skip_bad, args.trace_order, trace_form=args.trace_form,
-                        mix=args.mix, ambient=args.ambient)
+                        mix=args.mix, ambient=args.ambient, easy_keep=args.easy_keep)
     if args.steps:
         steps = args.steps
     elif len(examples):

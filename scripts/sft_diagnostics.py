@@ -4,6 +4,10 @@
   in cell   share of the markers quoted on "Cell i: type (m1, m2)" lines that are genes of cell i (reading)
   other     share of quoted markers that are not cell i's genes but another cell's (reading the wrong line)
   cand      share of named types on those lines that are candidates of the puzzle
+  missed    share of puzzles whose first N "Cell i" lines name a type twice but whose trace says "Every type is
+            used once" (the repeat check of the fix-order trace)
+  dup ans   share of answers that name a type twice (each costs at least one cell)
+  -argmax   correct cells of the model minus those of the argmax (issue 5's bar: >= 0 at every N)
   train     cell accuracy on puzzles of *train* cells at full depth, next to the argmax's there: a large gap to
             the held-out column means the model learned the train cells, not the types (generalisation)
 
@@ -22,6 +26,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import pipeline  # noqa: E402
+import reward  # noqa: E402
 
 
 def reading(puzzles, texts) -> dict:
@@ -40,6 +45,13 @@ def reading(puzzles, texts) -> dict:
                 c["quoted"] += 1
                 c["in cell"] += g in p.cells[i]
                 c["other"] += g not in p.cells[i] and any(g in cell for cell in p.cells)
+        first = re.findall(r"Cell \d+: (.*?) \(", text)[:p.n]
+        if len(set(first)) < len(first):
+            c["repeat lines"] += 1
+            c["missed"] += "Every type is used once" in text
+        answer = reward.parse(text) or []
+        c["dup ans"] += len(set(answer)) < len(answer)
+        c["puzzles"] += 1
     return stats
 
 
@@ -48,8 +60,8 @@ def main():
     ap.add_argument("model", help="final model folder of a train_sft.py run on the embedded data")
     ap.add_argument("--per-n", type=int, default=50, help="held-out puzzles per N (the results table uses 50)")
     ap.add_argument("--train-per-n", type=int, default=20, help="train-cell puzzles per N")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the held-out puzzles (0: the results table's set; others: "
-                    "independent sets of the same held-out cells)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the held-out puzzles (0: the results table's set; "
+                    "others: independent sets of the same held-out cells)")
     args = ap.parse_args()
     split = data.embedded()
     test = data.test_puzzles(split, data.CPU, per_n=args.per_n, seed=args.seed)
@@ -64,12 +76,15 @@ def main():
     ours, ours_tr = cell(ours), cell(ours_tr)
     argmax, hung, argmax_tr = cell(base["per-cell argmax"]), cell(base["teacher (Hungarian)"]), \
         cell(base_tr["per-cell argmax"])
-    print("| N | cell | argmax | teacher | in cell | other | cand | train cell | train argmax |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| N | cell | argmax | teacher | -argmax | in cell | other | cand | missed | dup ans | train cell | "
+          "train argmax |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n, c in reading(test, texts).items():
         share = lambda k, d: c[k] / max(c[d], 1)
-        print(f"| {n} | {ours[n]:.2f} | {argmax[n]:.2f} | {hung[n]:.2f} | {share('in cell', 'quoted'):.2f} | "
-              f"{share('other', 'quoted'):.2f} | {share('cand', 'lines'):.2f} | {ours_tr.get(n, 0):.2f} | "
+        gain = round((ours[n] - argmax[n]) * n * c["puzzles"])  # in cells
+        print(f"| {n} | {ours[n]:.2f} | {argmax[n]:.2f} | {hung[n]:.2f} | {gain:+d} | "
+              f"{share('in cell', 'quoted'):.2f} | {share('other', 'quoted'):.2f} | {share('cand', 'lines'):.2f} | "
+              f"{share('missed', 'repeat lines'):.2f} | {share('dup ans', 'puzzles'):.2f} | {ours_tr.get(n, 0):.2f} | "
               f"{argmax_tr.get(n, 0):.2f} |")
     torch.distributed.destroy_process_group()
 

@@ -353,6 +353,24 @@ def test_fix_trace_is_argmax_then_the_moves_of_the_optimum(pbmc):
     assert moved_any > 10
 
 
+def test_hard_is_a_repeat_or_a_best_type_outside_the_candidates(pbmc):
+    """Teacher.hard against an independent reading: each cell scored alone against all ten types (a one-cell
+    puzzle whose candidates are every type) for its best type, and the per-cell argmax for repeats."""
+    split, teacher = pbmc
+    puzzles = take(data.train_stream(split, seed=6), 150) + data.test_puzzles(split, per_n=10)
+    kinds = set()
+    for p in puzzles:
+        best = []
+        for genes in p.cells:
+            alone = data.make_puzzle(p.context, [genes] + [[]] * (len(teacher.types) - 1), teacher.types)
+            best.append(alone.candidates[int(teacher.scores(alone)[0].argmax())])
+        repeat = len(set(teacher.argmax(p))) < p.n
+        outside = any(t not in p.candidates for t in best)
+        assert teacher.hard(p) == (repeat or outside)
+        kinds.add((repeat, outside))
+    assert kinds == {(False, False), (False, True), (True, False), (True, True)}
+
+
 def test_teacher_beats_argmax_beats_random(pbmc):
     split, teacher = pbmc
     test = data.test_puzzles(split, per_n=30)

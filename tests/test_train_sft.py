@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,6 +178,21 @@ def test_curriculum_grows_the_largest_n():
     assert max(late) == 8 and min(late) == 3
     assert ex[217][1] == Examples("embedded", seed=0, trace_order="cell", ramp=200)[217][1]
     assert ex[217][1].startswith("<think>Cell 1: ") and " (" in ex[217][1].split("\n")[0]  # type-first by default
+
+
+def test_easy_keep_thins_the_easy_puzzles_at_every_n():
+    """--easy-keep 0: every example is hard (data.Teacher.hard), N is drawn as in the default stream, and examples
+    stay a pure function of (seed, i)."""
+    from train_sft import Examples
+    base, hard = (Examples("embedded", seed=0, trace_order="fix", easy_keep=k) for k in (1.0, 0.0))
+    base_ex = [base[i] for i in range(60)]
+    hard_ex = [hard[i] for i in range(60)]
+    assert not all(base.teacher.hard(p) for p, _ in base_ex)
+    assert all(hard.teacher.hard(p) for p, _ in hard_ex)
+    # N is kept when an easy puzzle is thinned, so N matches the default stream's except after a rejected trace
+    # (~5%); redrawn, N would skew to 7-8 and match about 1 time in 6
+    assert np.mean([p.n == q.n for (p, _), (q, _) in zip(hard_ex, base_ex)]) > 0.8
+    assert hard[77][1] == Examples("embedded", seed=0, trace_order="fix", easy_keep=0.0)[77][1]
 
 
 def test_newton_schulz_is_close_to_the_polar_factor():
