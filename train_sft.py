@@ -565,6 +565,9 @@ def parse_args(argv=None):
                        ("ema", 0.995, 0.0), ("save_every", 700, 175), ("easy_keep", 0.1, 1.0)]:
         if getattr(args, k) is None:
             setattr(args, k, t if tiny else real)
+    for k in ("mix", "ambient", "easy_keep"):
+        if not 0 <= getattr(args, k) <= 1:
+            p.error(f"--{k.replace('_', '-')} is a probability: got {getattr(args, k)}, need 0..1")
     return args
 
 

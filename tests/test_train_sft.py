@@ -195,6 +195,15 @@ def test_easy_keep_thins_the_easy_puzzles_at_every_n():
     assert hard[77][1] == Examples("embedded", seed=0, trace_order="fix", easy_keep=0.0)[77][1]
 
 
+@pytest.mark.parametrize("flag", ["--easy-keep", "--mix", "--ambient"])
+def test_probability_flags_outside_0_1_are_refused(flag, capsys):
+    from train_sft import parse_args
+    assert parse_args([flag, "0.25"]) is not None
+    with pytest.raises(SystemExit):
+        parse_args([flag, "1.5"])
+    assert f"{flag} is a probability" in capsys.readouterr().err
+
+
 def test_newton_schulz_is_close_to_the_polar_factor():
     """Against the SVD: U V^T of g, the orthogonal factor Muon's update approximates; singular values near 1."""
     from train_sft import newton_schulz
