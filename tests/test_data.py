@@ -323,8 +323,8 @@ def test_accepted_traces_score_one(pbmc, order, form):
 
 def test_fix_trace_is_argmax_then_the_moves_of_the_optimum(pbmc):
     """order="fix": N lines of per-cell argmax in cell order, a repeat marked "as cell k" (the first cell that named
-    the type); then "Every type is used once" or the repeated types
-    with their cells, the unused types, and one line per cell that the Hungarian optimum moves."""
+    the type); then "Every type is used once" or the repeated types with their cells, the unused types, and one line
+    per cell that the Hungarian optimum moves."""
     split, teacher = pbmc
     puzzles = take(data.train_stream(split, seed=5), 100) + data.test_puzzles(split, per_n=10)
     moved_any = 0
