@@ -262,15 +262,21 @@ def save_checkpoint(run_dir, model, optim, meta: dict, tokenizer_dir, ema: EMA |
 
 
 def load_checkpoint(run_dir, model, optim, ema: EMA | None = None) -> dict:
+    """Restore weights, optimizer state and the EMA's shadows in place; returns meta.json. A run saved with an EMA
+    and resumed without one (or the reverse) is refused before anything is read from state/."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     ckpt = os.path.join(run_dir, "checkpoint")
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    saved = meta["args"].get("ema", 0)
+    if bool(saved) != bool(ema):
+        raise SystemExit(f"{run_dir} was trained with --ema {saved}: resume it with the same --ema")
     msd, osd = get_state_dict(model, optim)
     state = {"model": msd, "optim": osd, **({"ema": ema.shadow} if ema else {})}  # loaded in place
     dcp.load(state, checkpoint_id=os.path.join(ckpt, "state"))
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(ckpt, "meta.json")) as f:
-        return json.load(f)
+    return meta
 
 
 def publish_model(run_dir: str) -> None:
@@ -600,9 +606,6 @@ def main(argv=None):
     optim = make_optimizer(model, args.optim, args.lr, args.weight_decay, args.muon_lr)
     ema = EMA(model, args.ema, int(args.ema_start * steps)) if args.ema else None
     if start:
-        saved = json.load(open(os.path.join(args.out, "checkpoint", "meta.json")))["args"]
-        if bool(saved.get("ema")) != bool(args.ema):
-            raise SystemExit(f"{args.out} was trained with --ema {saved.get('ema', 0)}: resume it with the same --ema")
         load_checkpoint(args.out, model, optim, ema)
     eval_set = eval_puzzles(args.eval_data or ("embedded" if args.data == "embedded" else args.data),
                             args.eval_puzzles, args.seed + 1)

@@ -35,7 +35,8 @@ def reading(puzzles, texts) -> dict:
     stats = {n: Counter() for n in sorted({p.n for p in puzzles})}
     for p, text in zip(puzzles, texts):
         c = stats[p.n]
-        for k, typ, quoted in re.findall(r"Cell (\d+): (.*?) \(([^)]*)\)", text):
+        lines = re.findall(r"Cell (\d+): (.*?) \(([^)]*)\)", text)
+        for k, typ, quoted in lines:
             i = int(k) - 1
             if i >= p.n:
                 continue
@@ -45,7 +46,7 @@ def reading(puzzles, texts) -> dict:
                 c["quoted"] += 1
                 c["in cell"] += g in p.cells[i]
                 c["other"] += g not in p.cells[i] and any(g in cell for cell in p.cells)
-        first = re.findall(r"Cell \d+: (.*?) \(", text)[:p.n]
+        first = [typ for _, typ, _ in lines[:p.n]]  # the first pass: one line per cell
         if len(set(first)) < len(first):
             c["repeat lines"] += 1
             c["missed"] += "Every type is used once" in text
