@@ -325,13 +325,13 @@ class PuzzleSampler:
     Cell order = the order the types were drawn. Every choice goes through the given numpy Generator."""
 
     def __init__(self, data: CellData, pool: np.ndarray, n_genes: int, augment: bool = False, p_range=(0.3, 0.8),
-                 mix: float = 0.0, ambient: float = 0.0):
+                 mix: float = 0.0, ambient: float = 0.0, shuffle: float = 0.0):
         if augment and not data.counts:
             raise ValueError("augment needs integer counts (CellData.counts)")
-        if (mix or ambient) and not augment:
-            raise ValueError("mix and ambient pool UMI counts: they need augment")
+        if (mix or ambient or shuffle) and not augment:
+            raise ValueError("mix, ambient and shuffle build new UMI counts: they need augment")
         self.data, self.n_genes, self.augment, self.p_range = data, n_genes, augment, p_range
-        self.mix, self.ambient = mix, ambient
+        self.mix, self.ambient, self.shuffle = mix, ambient, shuffle
         self.groups: dict[str, dict[str, list[int]]] = {}   # donor -> type -> cells
         for c in np.sort(pool):
             self.groups.setdefault(str(data.donors[c]), {}).setdefault(str(data.labels[c]), []).append(c)
@@ -347,10 +347,16 @@ class PuzzleSampler:
         - with probability `mix` (and a mate: another pool cell of c's type and donor) c's counts are pooled with the
           mate's and thinned to half the depth, a new cell of the type at a depth like the others';
         - with probability `ambient` (and a stranger: a pool cell of another type, same donor) a random 5-30% of the
-          stranger's UMIs are added, like ambient RNA or a partial doublet."""
+          stranger's UMIs are added, like ambient RNA or a partial doublet;
+        - with probability `shuffle` (and a mate) each gene's count is taken from a random cell of the mates (c's
+          type and donor, c included), gene by gene: a cell no one measured, whose genes are independent given its
+          type, as the teacher's marker model assumes, so it can only be read by weighing markers."""
         if not self.augment:
             return self.cache[c]
         counts, depth = self.data.values[c], 1.0
+        if self.shuffle and len(mates) > 1 and rng.random() < self.shuffle:
+            m = np.asarray(mates)
+            counts = self.data.values[m[rng.integers(len(m), size=counts.shape[0])], np.arange(counts.shape[0])]
         if self.mix and len(mates) > 1 and rng.random() < self.mix:
             others = [m for m in mates if m != c]
             counts, depth = counts + self.data.values[others[rng.integers(len(others))]], 0.5

@@ -346,12 +346,13 @@ def messages(p: data.Puzzle, system: str | None = None) -> list[dict]:
     return [{"role": "system", "content": system or p.system}, {"role": "user", "content": p.user}]
 
 
-def embedded_sampler(cells: data.CellSplit, mix: float = 0.0, ambient: float = 0.0) -> tuple[data.PuzzleSampler,
-                                                                                              tuple[int, int]]:
-    """The embedded default's puzzles of train cells (augmented afresh; `mix`, `ambient`: see PuzzleSampler.genes_of)
+def embedded_sampler(cells: data.CellSplit, mix: float = 0.0, ambient: float = 0.0,
+                     shuffle: float = 0.0) -> tuple[data.PuzzleSampler, tuple[int, int]]:
+    """The embedded default's puzzles of train cells (augmented afresh; `mix`, `ambient`, `shuffle`: see
+    PuzzleSampler.genes_of)
     and their N range, capped by the donors."""
     sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment, data.CPU.p_range, mix,
-                                 ambient)
+                                 ambient, shuffle)
     return sampler, (data.CPU.n_range[0], min(data.CPU.n_range[1], sampler.max_n()))
 
 
@@ -375,12 +376,12 @@ class Examples:
 
     def __init__(self, source: str, seed: int, split: str = "reasoning", skip_bad: bool = False,
                  trace_order: str = "cell", ramp: int = 0, trace_form: str = "type", mix: float = 0.0,
-                 ambient: float = 0.0, easy_keep: float = 1.0):
+                 ambient: float = 0.0, easy_keep: float = 1.0, shuffle: float = 0.0):
         self.seed, self.trace_order, self.ramp, self.trace_form = seed, trace_order, ramp, trace_form
         self.easy_keep = easy_keep
         if source == "embedded":
             cells = data.embedded()
-            self.sampler, self.n_range = embedded_sampler(cells, mix, ambient)
+            self.sampler, self.n_range = embedded_sampler(cells, mix, ambient, shuffle)
             self.teacher = data.fit_embedded_teacher(cells)
             self.rows = None
         else:
@@ -515,6 +516,8 @@ def parse_args(argv=None):
     p.add_argument("--ambient", type=float, default=None, help="embedded data: probability that a train cell gets "
                    "5-30%% of the UMIs of a train cell of another type (same donor), like ambient RNA (default: tiny "
                    "0.5, else 0)")
+    p.add_argument("--shuffle", type=float, default=None, help="embedded data: probability that a train cell is "
+                   "rebuilt gene by gene, each gene's count from a random train cell of its type (default: 0)")
     p.add_argument("--easy-keep", type=float, default=None, help="embedded data: probability of keeping a train puzzle "
                    "that is not hard (data.Teacher.hard: no repeat in the per-cell argmax, every cell's best type a "
                    "candidate); below 1 the train mix moves toward held-out puzzles, which are mostly hard (default: "
@@ -568,10 +571,11 @@ def parse_args(argv=None):
                        ("eval_max_new_tokens", 512, 3500), ("steps", 1400, None), ("curriculum", 0.5, 0.0),
                        ("system", "short", "released"), ("eval_every", 700, 100), ("trace_order", "fix", "cell"),
                        ("optim", "muon", "adamw"), ("muon_lr", 0.01, 0.02), ("mix", 0.5, 0.0), ("ambient", 0.5, 0.0),
-                       ("ema", 0.995, 0.0), ("save_every", 700, 175), ("easy_keep", 0.1, 1.0)]:
+                       ("ema", 0.995, 0.0), ("save_every", 700, 175), ("easy_keep", 0.1, 1.0),
+                       ("shuffle", 0.0, 0.0)]:
         if getattr(args, k) is None:
             setattr(args, k, t if tiny else real)
-    for k in ("mix", "ambient", "easy_keep"):
+    for k in ("mix", "ambient", "easy_keep", "shuffle"):
         if not 0 <= getattr(args, k) <= 1:
             p.error(f"--{k.replace('_', '-')} is a probability: got {getattr(args, k)}, need 0..1")
     return args
@@ -588,7 +592,7 @@ def main(argv=None):
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world})")
     start = prepare_run_dir(args.out, args.resume, "sft_log.jsonl")
     examples = Examples(args.data, args.seed, args.split, args.skip_bad, args.trace_order, trace_form=args.trace_form,
-                        mix=args.mix, ambient=args.ambient, easy_keep=args.easy_keep)
+                        mix=args.mix, ambient=args.ambient, easy_keep=args.easy_keep, shuffle=args.shuffle)
     if args.steps:
         steps = args.steps
     elif len(examples):

@@ -189,6 +189,35 @@ def test_ambient_adds_part_of_a_stranger_of_another_type(pbmc, downsample_calls)
             assert strangers, "the added UMIs are not part of one cell of another type"
 
 
+@pytest.mark.parametrize("shuffle", [0.0, 1.0])
+def test_shuffle_builds_a_cell_gene_by_gene_from_its_type(pbmc, downsample_calls, shuffle):
+    """PuzzleSampler(shuffle=1): each gene's count comes from some pool cell of the cell's type and donor (several
+    cells in all, so the result is a new cell), before the usual thinning. shuffle=0 draws exactly as before."""
+    split, _ = pbmc
+    d = split.data
+    calls = downsample_calls
+    sampler = data.PuzzleSampler(d, split.train, 20, augment=True, p_range=(0.3, 1.0), shuffle=shuffle)
+    plain = data.PuzzleSampler(d, split.train, 20, augment=True, p_range=(0.3, 1.0))
+    rng, rng0 = np.random.default_rng(0), np.random.default_rng(0)
+    train = split.train
+    for _ in range(30):
+        calls.clear()
+        p = sampler.sample(4, rng)
+        q = plain.sample(4, rng0)
+        assert (p.cells == q.cells) == (shuffle == 0)
+        for c, (counts, p_range) in zip(p.cell_ids, calls[:p.n]):
+            assert p_range == (0.3, 1.0)
+            if shuffle == 0:
+                assert (counts == d.values[c]).all()
+                continue
+            mates = train[(d.labels[train] == d.labels[c]) & (d.donors[train] == d.donors[c])]
+            source = d.values[mates] == counts          # mates x genes: which mates could have given each gene
+            assert source.any(0).all(), "a gene's count is not any cell's of the type"
+            assert not source.all(1).any(), "the shuffled cell is one real cell"
+    with pytest.raises(ValueError, match="augment"):
+        data.PuzzleSampler(d, split.train, 20, augment=False, shuffle=0.5)
+
+
 def test_split_needs_cells_on_both_sides():
     with pytest.raises(ValueError, match="type .Zeta. has 1 cells; need 3"):
         data.split_cells(tiny())
