@@ -349,8 +349,7 @@ def messages(p: data.Puzzle, system: str | None = None) -> list[dict]:
 def embedded_sampler(cells: data.CellSplit, mix: float = 0.0, ambient: float = 0.0,
                      shuffle: float = 0.0) -> tuple[data.PuzzleSampler, tuple[int, int]]:
     """The embedded default's puzzles of train cells (augmented afresh; `mix`, `ambient`, `shuffle`: see
-    PuzzleSampler.genes_of)
-    and their N range, capped by the donors."""
+    PuzzleSampler.genes_of) and their N range, capped by the donors."""
     sampler = data.PuzzleSampler(cells.data, cells.train, data.CPU.n_genes, data.CPU.augment, data.CPU.p_range, mix,
                                  ambient, shuffle)
     return sampler, (data.CPU.n_range[0], min(data.CPU.n_range[1], sampler.max_n()))
@@ -516,8 +515,9 @@ def parse_args(argv=None):
     p.add_argument("--ambient", type=float, default=None, help="embedded data: probability that a train cell gets "
                    "5-30%% of the UMIs of a train cell of another type (same donor), like ambient RNA (default: tiny "
                    "0.5, else 0)")
-    p.add_argument("--shuffle", type=float, default=None, help="embedded data: probability that a train cell is "
-                   "rebuilt gene by gene, each gene's count from a random train cell of its type (default: 0)")
+    p.add_argument("--shuffle", type=float, default=0.0, help="embedded data: probability that a train cell is "
+                   "rebuilt gene by gene, each gene's count from a random train cell of its type (off: measured no "
+                   "better on average, README)")
     p.add_argument("--easy-keep", type=float, default=None, help="embedded data: probability of keeping a train puzzle "
                    "that is not hard (data.Teacher.hard: no repeat in the per-cell argmax, every cell's best type a "
                    "candidate); below 1 the train mix moves toward held-out puzzles, which are mostly hard (default: "
@@ -571,8 +571,7 @@ def parse_args(argv=None):
                        ("eval_max_new_tokens", 512, 3500), ("steps", 1400, None), ("curriculum", 0.5, 0.0),
                        ("system", "short", "released"), ("eval_every", 700, 100), ("trace_order", "fix", "cell"),
                        ("optim", "muon", "adamw"), ("muon_lr", 0.01, 0.02), ("mix", 0.5, 0.0), ("ambient", 0.5, 0.0),
-                       ("ema", 0.995, 0.0), ("save_every", 700, 175), ("easy_keep", 0.1, 1.0),
-                       ("shuffle", 0.0, 0.0)]:
+                       ("ema", 0.995, 0.0), ("save_every", 700, 175), ("easy_keep", 0.1, 1.0)]:
         if getattr(args, k) is None:
             setattr(args, k, t if tiny else real)
     for k in ("mix", "ambient", "easy_keep", "shuffle"):

@@ -195,7 +195,7 @@ def test_easy_keep_thins_the_easy_puzzles_at_every_n():
     assert hard[77][1] == Examples("embedded", seed=0, trace_order="fix", easy_keep=0.0)[77][1]
 
 
-@pytest.mark.parametrize("flag", ["--easy-keep", "--mix", "--ambient"])
+@pytest.mark.parametrize("flag", ["--easy-keep", "--mix", "--ambient", "--shuffle"])
 def test_probability_flags_outside_0_1_are_refused(flag, capsys):
     from train_sft import parse_args
     assert parse_args([flag, "0.25"]) is not None
