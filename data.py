@@ -470,15 +470,22 @@ class Teacher:
     vocab: dict[str, int]
     weight: np.ndarray        # types x genes
 
-    def scores(self, p: Puzzle) -> np.ndarray:
-        """cells x candidates."""
-        s = np.zeros((p.n, len(p.candidates)))
-        t_idx = [self.types.index(t) if t in self.types else -1 for t in p.candidates]
+    def type_scores(self, p: Puzzle) -> np.ndarray:
+        """cells x known types (self.types)."""
+        s = np.zeros((p.n, len(self.types)))
         for i, genes in enumerate(p.cells):
             g = [self.vocab[x] for x in genes if x in self.vocab]
-            for j, t in enumerate(t_idx):
-                if t >= 0:
-                    s[i, j] = self.weight[t, g].sum()
+            for t in range(len(self.types)):
+                s[i, t] = self.weight[t, g].sum()
+        return s
+
+    def scores(self, p: Puzzle, type_scores: np.ndarray | None = None) -> np.ndarray:
+        """cells x candidates (from `type_scores` when given, else computed); a type it never saw scores 0."""
+        a = self.type_scores(p) if type_scores is None else type_scores
+        s = np.zeros((p.n, len(p.candidates)))
+        for j, t in enumerate(p.candidates):
+            if t in self.types:
+                s[:, j] = a[:, self.types.index(t)]
         return s
 
     def argmax(self, p: Puzzle) -> list[str]:
@@ -491,9 +498,9 @@ class Teacher:
     def hard(self, p: Puzzle) -> bool:
         """True when the per-cell argmax repeats a type or some cell's best type among all known types is not a
         candidate: the puzzles where the candidates and the one-to-one rule change an answer."""
-        best = [self.types[int(self.weight[:, [self.vocab[g] for g in genes if g in self.vocab]].sum(1).argmax())]
-                for genes in p.cells]
-        return len(set(self.argmax(p))) < p.n or any(t not in p.candidates for t in best)
+        a = self.type_scores(p)
+        repeat = len(set(self.scores(p, a).argmax(1).tolist())) < p.n
+        return repeat or any(self.types[t] not in p.candidates for t in a.argmax(1))
 
     def markers(self, genes: list[str], t: str, k: int = 2) -> list[str]:
         """The k listed genes that point most to type t (ties: higher in the list first)."""
