@@ -281,3 +281,47 @@ def test_muon_on_two_ranks_equals_one_rank(tmp_path):
     w1, w2 = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_soft_reading_targets_and_loss_by_hand():
+    """--soft-reading: each first-pass type token is trained on softmax(teacher score / tau) over the candidates; the
+    loss is checked against a dense target (one-hot rows, the softmax on the type rows) written out independently."""
+    from train_sft import Examples, reading_targets, soft_loss
+    tok = load_tokenizer(os.path.dirname(data.TOKENIZER_PATH))
+    end = tok.token_to_id("<|im_end|>")
+    ex = Examples("embedded", 0, trace_order="fix", easy_keep=0.1)
+    batch, total_rows = [], 0
+    for i in range(3):
+        p, completion = ex[i]
+        soft = reading_targets(tok, ex.teacher, p, completion, 2.0)
+        ids = tok.encode(completion, add_special_tokens=False).ids
+        s = ex.teacher.scores(p)
+        assert len(soft) == p.n  # one per cell, in cell order: the token is the line's type, its argmax the trace's
+        for k, (t, first, q) in enumerate(soft):
+            assert tok.decode([ids[t]]).strip() == p.candidates[int(s[k].argmax())].split()[0]
+            assert ids[t] == first[int(np.argmax(q))]
+            assert np.allclose(q, np.exp(s[k] / 2) / np.exp(s[k] / 2).sum())
+        total_rows += p.n
+        batch.append(tokenize(tok, p, completion, end, 10_000, f"ex {i}") + (soft,))
+    x, y, sel, pos, lens = collate(batch, "cpu")
+    logits = torch.randn(int(sel.sum()), tok.get_vocab_size())
+    target = torch.zeros_like(logits, dtype=torch.float64)  # the dense oracle: one row per selected position
+    ys = y[sel]
+    target[ys >= 0, ys[ys >= 0]] = 1.0
+    where = sel[0].nonzero()[:, 0].tolist()
+    o, seen = 0, 0
+    for ids, n_prompt, soft in batch:
+        for t, first, q in soft:
+            r = where.index(o + n_prompt - 1 + t)
+            assert ys[r].item() == first[int(np.argmax(q))]
+            target[r] = 0.0
+            target[r, first] = torch.tensor(q, dtype=torch.float64)
+            seen += 1
+        o += len(ids)
+    assert seen == total_rows
+    want = -(target * logits.double().log_softmax(-1)).sum()
+    assert torch.allclose(soft_loss(logits, y, sel, batch).double(), want, rtol=1e-5)
+    # tau -> 0: the plain cross-entropy of the trace's tokens
+    sharp = [b[:2] + (reading_targets(tok, ex.teacher, *ex[i], 1e-6),) for i, b in enumerate(batch)]
+    hard = torch.nn.functional.cross_entropy(logits, y[sel], ignore_index=-100, reduction="sum")
+    assert torch.allclose(soft_loss(logits, y, sel, sharp), hard, rtol=1e-5)
