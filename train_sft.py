@@ -433,7 +433,7 @@ def collate(batch: list[tuple[list[int], int]], device):
     oneDNN caches a kernel per matmul shape and memory grows without bound when every micro-batch has a new shape.
     y is -100 (ignored) except where the *next* token is a completion token (the end id included): the loss
     positions come from lengths, never from a pad id."""
-    lens = [len(b[0]) for b in batch]
+    lens = [len(ids) for ids, _ in batch]
     L = pad64(sum(lens))
     x = torch.zeros(1, L, dtype=torch.long)
     y = torch.full((1, L), -100, dtype=torch.long)
@@ -441,7 +441,7 @@ def collate(batch: list[tuple[list[int], int]], device):
     pos = torch.zeros(1, L, dtype=torch.long)
     prompt = torch.zeros(1, L, dtype=torch.bool)  # prompt positions whose next token is a prompt token
     o = 0
-    for ids, n_prompt, *_ in batch:
+    for ids, n_prompt in batch:
         n = len(ids)
         x[0, o:o + n] = torch.tensor(ids)
         pos[0, o:o + n] = torch.arange(n)
@@ -455,53 +455,6 @@ def collate(batch: list[tuple[list[int], int]], device):
     extra = pad64(int(sel.sum())) - int(sel.sum())
     sel[0, prompt[0].nonzero()[:extra, 0]] = True
     return x.to(device), y.to(device), sel.to(device), pos.to(device), tuple(lens)
-
-
-def reading_targets(tok, teacher: data.Teacher, p: data.Puzzle, completion: str, tau: float) -> list:
-    """Soft targets for the reading lines of a fix-order trace: [(completion token index of cell i's type, the
-    candidates' first-token ids, softmax(teacher score / tau) over the candidates)] for i = 1..N. The first-pass line
-    of cell i names its best candidate, so the target's argmax is the trace's token; the rest of the distribution
-    says how close the other candidates came (the teacher's ranking, not only its choice). [] when two candidates
-    share a first token (the type is then not decided by one token)."""
-    first = [tok.encode(" " + c, add_special_tokens=False).ids[0] for c in p.candidates]
-    if len(set(first)) < p.n:
-        return []
-    enc = tok.encode(completion, add_special_tokens=False)
-    at = {a: t for t, (a, _) in enumerate(enc.offsets)}
-    q = torch.softmax(torch.tensor(teacher.scores(p)) / tau, 1).tolist()
-    start, out = completion.index("<think>") + len("<think>"), []
-    for i, line in enumerate(completion[start:].split("\n")[:p.n]):
-        head = f"Cell {i + 1}:"
-        t = at.get(start + len(head))
-        if not line.startswith(head) or t is None or enc.ids[t] not in first:
-            return []
-        out.append((t, first, q[i]))
-        start += len(line) + 1
-    return out
-
-
-def soft_loss(logits: torch.Tensor, y: torch.Tensor, sel: torch.Tensor, batch: list) -> torch.Tensor:
-    """Summed cross-entropy of the selected positions' logits (K, V): soft targets where batch items carry them
-    (ids, n_prompt, reading_targets), the hard next token elsewhere. Same token count as the hard loss."""
-    row = sel[0].cumsum(0) - 1   # position in the packed row -> row of logits
-    y = y[sel].clone()
-    rows, toks, probs, o = [], [], [], 0
-    for ids, n_prompt, *soft in batch:
-        for t, first, q in (soft[0] if soft else []):
-            rows.append(int(row[o + n_prompt - 1 + t]))
-            toks.append(first)
-            probs.append(q)
-        o += len(ids)
-    if not rows:
-        return F.cross_entropy(logits.float(), y, ignore_index=-100, reduction="sum")
-    rows_t = torch.tensor(rows, device=logits.device)
-    y[rows_t] = -100
-    hard = F.cross_entropy(logits.float(), y, ignore_index=-100, reduction="sum")
-    n = max(len(f) for f in toks)   # candidate lists differ in length (N): pad with probability 0
-    tk = torch.tensor([f + [0] * (n - len(f)) for f in toks], device=logits.device)
-    pr = torch.tensor([q + [0.0] * (n - len(q)) for q in probs], device=logits.device)
-    logp = logits[rows_t].float().log_softmax(-1).gather(1, tk)
-    return hard - (pr * logp).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -604,9 +557,6 @@ def parse_args(argv=None):
     p.add_argument("--eval-max-new-tokens", type=int, default=None, help="decode budget (default: tiny 512, else 3500)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every k steps (and at the end; default: "
                    "tiny 700, else 175)")
-    p.add_argument("--soft-reading", type=float, default=0.0, help="embedded fix traces: train each cell's first-pass "
-                   "type token on the teacher's softmax over the candidates at this temperature (0: off, the trace's "
-                   "token)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -637,8 +587,6 @@ def main(argv=None):
     tok_dir = tokenizer_source(args.model, args.tokenizer)
     tok = load_tokenizer(tok_dir)
     end_id = tok.token_to_id("<|im_end|>")
-    if args.soft_reading and args.data != "embedded":
-        raise SystemExit("--soft-reading needs --data embedded: its targets are the embedded teacher's scores")
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world})")
     start = prepare_run_dir(args.out, args.resume, "sft_log.jsonl")
@@ -684,30 +632,21 @@ def main(argv=None):
         for g in optim.param_groups:
             g["lr"] = lr * g.get("base_lr", args.lr) / args.lr  # Muon's matrices follow the same schedule
         first = step * args.batch_size + rank * per_rank  # this rank's contiguous share of the global batch
-        batch = []
-        for i in range(first, first + per_rank):
-            p, completion = examples[i]
-            b = tokenize(tok, p, completion, end_id, args.max_len, f"example {i}", system)
-            if args.soft_reading:
-                b += (reading_targets(tok, examples.teacher, p, completion, args.soft_reading),)
-            batch.append(b)
+        batch = [tokenize(tok, *examples[i], end_id, args.max_len, f"example {i}", system)
+                 for i in range(first, first + per_rank)]
         batch.sort(key=lambda b: len(b[0]))  # packed, the loss does not depend on the order: kept so runs reproduce
-        parts = [batch[j:j + args.micro_batch] for j in range(0, per_rank, args.micro_batch)]
-        micro = [collate(b, device) for b in parts]
+        micro = [collate(batch[j:j + args.micro_batch], device) for j in range(0, per_rank, args.micro_batch)]
         # completion tokens and all tokens in the global batch (the first is the token-mean's denominator)
-        counts = torch.tensor([sum((y >= 0).sum().item() for _, y, *_ in micro), sum(len(b[0]) for b in batch)],
+        counts = torch.tensor([sum((y >= 0).sum().item() for _, y, *_ in micro), sum(len(ids) for ids, _ in batch)],
                               dtype=torch.float64, device=device)
         dist.all_reduce(counts)
         n_tok = counts[0].float()
         loss_sum = torch.zeros((), device=device)
-        for (x, y, sel, pos, lens), part in zip(micro, parts):
+        for x, y, sel, pos, lens in micro:
             with autocast(device):
                 # (selected positions, vocab): lm_head only where the loss is
                 logits = model(x, logits_at=sel, positions=pos, packed=lens)
-            if args.soft_reading:
-                loss = soft_loss(logits, y, sel, part)
-            else:
-                loss = F.cross_entropy(logits.float(), y[sel], ignore_index=-100, reduction="sum")
+            loss = F.cross_entropy(logits.float(), y[sel], ignore_index=-100, reduction="sum")
             # FSDP2 averages gradients over ranks; x world makes the result sum / global token count.
             (loss * world / n_tok).backward()
             loss_sum += loss.detach()
