@@ -11,6 +11,10 @@
   train     cell accuracy on puzzles of *train* cells at full depth, next to the argmax's there: a large gap to
             the held-out column means the model learned the train cells, not the types (generalisation)
 
+A second table splits the held-out cells by the teacher's margin (its best candidate's score minus the runner-up's,
+in nats): how often the model's first-pass line names the argmax's type, and how often each is right. It says
+whether the model misreads clear cells or only the ones where the argmax itself is near chance.
+
     python scripts/sft_diagnostics.py runs/main/sft/model
 """
 import argparse
@@ -56,6 +60,28 @@ def reading(puzzles, texts) -> dict:
     return stats
 
 
+MARGINS = [2, 5, 10, 20, 40]   # bucket edges in nats
+
+
+def by_margin(teacher: data.Teacher, puzzles, texts) -> dict:
+    """Per margin bucket: cells, first-pass lines naming the argmax's type, argmax right, first pass right."""
+    stats = {b: Counter() for b in range(len(MARGINS) + 1)}
+    for p, text in zip(puzzles, texts):
+        s = teacher.scores(p)
+        top2 = np.sort(s, 1)[:, -2:]
+        first = {}
+        for k, typ in re.findall(r"Cell (\d+): (.*?) \(", text):
+            first.setdefault(int(k) - 1, typ)
+        for i in range(p.n):
+            c = stats[int(np.searchsorted(MARGINS, top2[i, 1] - top2[i, 0]))]
+            best = p.candidates[int(s[i].argmax())]
+            c["cells"] += 1
+            c["agree"] += first.get(i) == best
+            c["argmax right"] += best == p.gold[i]
+            c["first right"] += first.get(i) == p.gold[i]
+    return stats
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="final model folder of a train_sft.py run on the embedded data")
@@ -87,6 +113,14 @@ def main():
               f"{share('in cell', 'quoted'):.2f} | {share('other', 'quoted'):.2f} | {share('cand', 'lines'):.2f} | "
               f"{share('missed', 'repeat lines'):.2f} | {share('dup ans', 'puzzles'):.2f} | {ours_tr.get(n, 0):.2f} | "
               f"{argmax_tr.get(n, 0):.2f} |")
+    print("\n| teacher margin (nats) | cells | first pass = argmax | argmax right | first pass right |")
+    print("|---|---|---|---|---|")
+    edges = [0] + MARGINS + [None]
+    for b, c in by_margin(data.fit_embedded_teacher(split), test, texts).items():
+        k = max(c["cells"], 1)
+        span = f"{edges[b]}-{edges[b + 1]}" if edges[b + 1] else f">= {edges[b]}"
+        print(f"| {span} | {c['cells']} | {c['agree'] / k:.2f} | {c['argmax right'] / k:.2f} | "
+              f"{c['first right'] / k:.2f} |")
     torch.distributed.destroy_process_group()
 
 
