@@ -6,7 +6,7 @@ Both sides sample at T = 1 with no top-k / top-p, no stop tokens, and exactly --
 (transformers: min_new_tokens = max_new_tokens, no eos). transformers gets the prompts once with
 num_return_sequences = n (it expands them to prompts x n rows and prefills every row); ours prefills each prompt
 once and shares its K/V with its n samples. Both are warmed up once, then timed --repeats times interleaved;
-the best of each is reported.
+the best of each is reported. On CUDA ours also runs without CUDA graphs (eager decode steps), in the same loop.
 
 Line 1: --prompts random prompts of --prompt-len tokens, n = --n.
 Line 2 (when data.py is there): held-out puzzle prompts of the embedded PBMC data rendered with the chat template
@@ -58,13 +58,17 @@ def best_times(fns, repeats):
 
 
 def bench(hf, ours, prompts, n, new, repeats, max_batch):
-    """-> (our tokens/s, transformers tokens/s, generated tokens per run)."""
-    sampler = Sampler(ours, max_batch=max_batch)
+    """-> (our tokens/s, transformers tokens/s, generated tokens per run, our tokens/s without CUDA graphs or None
+    on CPU)."""
     total = len(prompts) * n * new
 
-    def run_ours():
-        outs = sampler.generate(prompts, n=n, max_new_tokens=new, temperature=1.0, seed=0, progress=False)
-        assert sum(len(o.tokens) for o in outs) == total
+    def ours_fn(cuda_graphs):
+        sampler = Sampler(ours, max_batch=max_batch, cuda_graphs=cuda_graphs)
+
+        def run():
+            outs = sampler.generate(prompts, n=n, max_new_tokens=new, temperature=1.0, seed=0, progress=False)
+            assert sum(len(o.tokens) for o in outs) == total
+        return run
 
     L = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), L, dtype=torch.long)
@@ -82,8 +86,10 @@ def bench(hf, ours, prompts, n, new, repeats, max_batch):
                               pad_token_id=0, cache_implementation="static")
         assert out.shape == (len(prompts) * n, L + new), out.shape
 
-    t_ours, t_hf = best_times([run_ours, run_hf], repeats)
-    return total / t_ours, total / t_hf, total
+    cuda = next(ours.parameters()).is_cuda
+    fns = [ours_fn(True), run_hf] + ([ours_fn(False)] if cuda else [])  # eager decode: what the graphs save
+    times = best_times(fns, repeats)
+    return total / times[0], total / times[1], total, (total / times[2] if cuda else None)
 
 
 def main():
@@ -144,9 +150,11 @@ def main():
           f"intermediate {args.intermediate}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
           f"T=1 sampling, {args.new} new tokens forced, best of {args.repeats}; 1-min load average "
           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (timings are only comparable on an idle machine)")
-    print(f"{'workload':<36} {'tokens':>7} {'ours tok/s':>11} {'HF static tok/s':>16} {'ratio':>6}")
-    for name, ours_tps, hf_tps, total in rows:
-        print(f"{name:<36} {total:>7} {ours_tps:>11.0f} {hf_tps:>16.0f} {ours_tps / hf_tps:>5.2f}x")
+    print(f"{'workload':<36} {'tokens':>7} {'ours tok/s':>11} {'HF static tok/s':>16} {'ratio':>6}"
+          + ("   ours eager (no CUDA graphs) tok/s, ratio to HF" if args.device.startswith("cuda") else ""))
+    for name, ours_tps, hf_tps, total, eager_tps in rows:
+        print(f"{name:<36} {total:>7} {ours_tps:>11.0f} {hf_tps:>16.0f} {ours_tps / hf_tps:>5.2f}x"
+              + (f"   {eager_tps:.0f}, {eager_tps / hf_tps:.2f}x" if eager_tps else ""))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 - each compiled Triton kernel against its PyTorch reference at the Qwen2.5 head shapes (0.5B: 14/2 heads, D 64;
   7B: 28/4 heads, D 128), bf16 and fp32, ragged rows and lengths off every block boundary;
 - model.py on CUDA against transformers' Qwen2 (the oracle), bf16;
-- the sampler on CUDA (Triton prefill + decode) against the naive full-recompute greedy decoder."""
+- the sampler on CUDA (Triton prefill + decode) against the naive full-recompute greedy decoder, and its decode
+  steps replayed from CUDA graphs against eager steps."""
 import math
 import os
 
@@ -100,3 +101,30 @@ def test_sampler_cuda_matches_naive_greedy(dtype):
                 seq.append(t)
     # fp32: identical up to summation order; bf16: a near-tie may flip between two kernels' roundings
     assert agree / total >= (0.99 if dtype == torch.float32 else 0.97), (agree, total)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampler_cuda_graphs_match_eager(temperature):
+    """Decode steps replayed from CUDA graphs (rows padded to batch-size buckets, rows stopping at different steps,
+    queued prompts reusing freed slots) give the eager decode's tokens and log-probs (fp32)."""
+    from model import ModelConfig, Transformer
+    from sampler import Sampler
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300)
+    model = Transformer(cfg).init_weights(std=0.5).to("cuda", torch.float32).eval()
+    prompts = [[5, 17, 3, 9, 22, 41, 8] * 13, [7], [30, 2, 2, 64, 11, 50] * 40, [33, 18, 6], [99] * 70, [1, 2, 3]]
+    stops = list(range(0, 300, 17))
+    runs = []
+    for graphs in (True, False):
+        s = Sampler(model, max_batch=11, cuda_graphs=graphs)
+        outs = s.generate(prompts, n=2, max_new_tokens=40, temperature=temperature, stop_token_ids=stops, seed=0,
+                          progress=False)
+        runs.append((outs, dict(s.stats)))
+    (g, gs), (e, es) = runs
+    assert gs["graphs"] >= 2 and gs["pad_rows"] > 0 and gs["prefill_calls"] > 1, gs
+    assert es["graphs"] == 0
+    assert len({len(o.tokens) for o in g}) >= 3, "too few distinct stop steps to exercise the buckets"
+    for a, b in zip(g, e):
+        assert a.tokens == b.tokens and a.finished == b.finished
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)

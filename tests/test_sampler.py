@@ -99,6 +99,25 @@ def test_greedy_with_stops_and_slot_reuse(model, stop_refs, max_batch):
     assert len({len(o.tokens) for o in outs}) >= 3
 
 
+
+@pytest.mark.parametrize("max_batch", [11, None])
+def test_bucket_padded_decode_matches_naive(model, stop_refs, max_batch):
+    """The CUDA-graph step's padding (DecodeGraphs, run eagerly here): rows padded up to a batch-size bucket decode in
+    free slots; as rows stop the bucket shrinks and queued prompts reuse slots that padding rows wrote into. Every
+    real row must still match the full recompute."""
+    stop, refs = stop_refs
+    s = Sampler(model, max_batch=max_batch)
+    s._pad_on_cpu = True
+    outs = s.generate(PROMPTS, n=2, max_new_tokens=16, stop_token_ids=[stop], progress=False)
+    check_layout(outs, len(PROMPTS), 2)
+    assert s.stats["pad_rows"] > 0
+    if max_batch is not None:
+        assert s.stats["prefill_calls"] > 1  # a queued prompt was admitted into freed slots
+    for o in outs:
+        tokens, logprobs = refs[o.prompt_index]
+        assert o.tokens == tokens
+        torch.testing.assert_close(torch.tensor(o.logprobs), torch.tensor(logprobs), atol=1e-4, rtol=0)
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
 def test_logprobs_match_full_recompute(model, temperature):
     s = Sampler(model, max_batch=5)
