@@ -458,31 +458,6 @@ def hungarian(score: np.ndarray) -> np.ndarray:
     return col
 
 
-def greedy_resolve(score: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """A local rule for a one-to-one answer: each cell's best type (the per-cell argmax); then for each type named more
-    than once, in the order of the first cell that named it, the cell that scores highest for it keeps it and each
-    other (in cell order) takes its best type among those no cell holds yet. score: cells x candidates, square.
-    -> (column of each cell, the moved cells in the order they moved). Unlike the Hungarian optimum, a cell that
-    named a type alone never moves, and each decision compares scores the lines above have already named."""
-    best = score.argmax(1)
-    col = best.copy()
-    claims: dict[int, list[int]] = {}
-    for i, j in enumerate(best):
-        claims.setdefault(int(j), []).append(i)
-    held, moved = set(claims), []
-    for j, cells in claims.items():  # insertion order: the order of the first claim
-        if len(cells) < 2:
-            continue
-        keep = max(cells, key=lambda i: (score[i, j], -i))
-        for i in cells:
-            if i != keep:
-                free = [k for k in range(score.shape[1]) if k not in held]
-                col[i] = max(free, key=lambda k: score[i, k])  # ties: the first free candidate
-                held.add(int(col[i]))
-                moved.append(i)
-    return col, moved
-
-
 def render_completion(think: str, types: list[str]) -> str:
     return f"<think>{think}</think>\n<answer>{' | '.join(types)}</answer>"
 
@@ -534,32 +509,26 @@ class Teacher:
         w = [self.weight[self.types.index(t), self.vocab[g]] if g in self.vocab else -math.inf for g in genes]
         return [genes[i] for i in sorted(range(len(genes)), key=lambda i: -w[i])[:k]]
 
-    def trace(self, p: Puzzle, order: str = "confidence", form: str = "evidence",
-              resolve: str = "hungarian") -> tuple[str, list[str]]:
+    def trace(self, p: Puzzle, order: str = "confidence", form: str = "evidence") -> tuple[str, list[str]]:
         """(completion, its types in cell order). order="confidence": cells are resolved most confident first; a
         cell whose best type went to another cell waits until that cell is placed, then its line says so (the
         Hungarian optimum makes these waits acyclic). order="cell": cells 1..N in turn; a cell whose best type
         belongs to another cell says which ("but cell k fits it better") and takes its assigned type. Each line
         names 2 markers, the type, and the candidates still free. order="fix": see _fix_trace.
         form="evidence": "markers -> type"; form="type": "type (markers)", the decision first (easier for a small
-        model: one decision per line, then the evidence). resolve (order="fix" only): "hungarian", the one-to-one
-        optimum of the scores, or "greedy", `greedy_resolve`."""
+        model: one decision per line, then the evidence)."""
         def say(i: int, t: str) -> str:
             ms = ", ".join(self.markers(p.cells[i], t))
             if form == "evidence":
                 return f"{ms} -> {t}"
             return f"{t} ({ms})"
         s = self.scores(p)
-        if resolve not in ("hungarian", "greedy") or (resolve == "greedy" and order != "fix"):
-            raise ValueError(f"resolve={resolve!r} with order={order!r}: 'greedy' is for the fix order only")
+        col = hungarian(s)
         best = s.argmax(1)
-        col, moved = greedy_resolve(s) if resolve == "greedy" else (hungarian(s), None)
         types = [p.candidates[j] for j in col]
         sep = "; " if any("," in c for c in p.candidates) else ", "   # released names can hold commas
         if order == "fix":
-            if moved is None:  # the optimum's moves, in cell order
-                moved = [i for i in range(p.n) if col[i] != best[i]]
-            return self._fix_trace(p, col, best, moved, say, sep, types), types
+            return self._fix_trace(p, col, best, say, sep, types), types
         owner = {int(j): i for i, j in enumerate(col)}
         visit = list(range(p.n)) if order == "cell" else self._confidence_order(s, col, best, owner)
         free, placed, lines = list(p.candidates), set(), []
@@ -579,10 +548,10 @@ class Teacher:
             lines.append(line)
         return render_completion("\n".join(lines), types), types
 
-    def _fix_trace(self, p: Puzzle, col, best, moved, say, sep: str, types: list[str]) -> str:
+    def _fix_trace(self, p: Puzzle, col, best, say, sep: str, types: list[str]) -> str:
         """order="fix": first every cell's best fit on its own (the per-cell argmax, one local decision per line,
         marked "as cell k" when cell k named that type before), then the types named twice, the unused ones, and a
-        new line for each cell the resolution moves (in the order it moves them). A cell's last line is its answer. No lookahead is needed
+        new line for each cell the one-to-one optimum moves. A cell's last line is its answer. No lookahead is needed
         before a line is written: conflicts are resolved once they are all on the page."""
         line = lambda i, j: f"Cell {i + 1}: {say(i, p.candidates[j])}"
         lines, claims = [], {}
@@ -600,7 +569,7 @@ class Teacher:
             dup = "; ".join(f"{p.candidates[j]} (cells {', '.join(str(i + 1) for i in cs)})" for j, cs in twice)
             unused = sep.join(c for j, c in enumerate(p.candidates) if j not in claims)
             lines.append(f"Repeated: {dup}. Unused: {unused}")
-            lines += [line(i, col[i]) for i in moved]
+            lines += [line(i, j) for i, j in enumerate(col) if j != best[i]]
         return render_completion("\n".join(lines) + ".", types)
 
     @staticmethod
@@ -617,10 +586,9 @@ class Teacher:
             done.append(max(pool, key=lambda i: (margin[i], -i)))
         return done
 
-    def accepted_trace(self, p: Puzzle, order: str = "confidence", form: str = "evidence",
-                       resolve: str = "hungarian") -> str | None:
+    def accepted_trace(self, p: Puzzle, order: str = "confidence", form: str = "evidence") -> str | None:
         """The trace if its answer is fully correct (the paper's rejection rule), else None."""
-        completion, types = self.trace(p, order, form, resolve)
+        completion, types = self.trace(p, order, form)
         return completion if types == p.gold else None
 
 

@@ -375,9 +375,9 @@ class Examples:
 
     def __init__(self, source: str, seed: int, split: str = "reasoning", skip_bad: bool = False,
                  trace_order: str = "cell", ramp: int = 0, trace_form: str = "type", mix: float = 0.0,
-                 ambient: float = 0.0, easy_keep: float = 1.0, shuffle: float = 0.0, resolve: str = "hungarian"):
+                 ambient: float = 0.0, easy_keep: float = 1.0, shuffle: float = 0.0):
         self.seed, self.trace_order, self.ramp, self.trace_form = seed, trace_order, ramp, trace_form
-        self.easy_keep, self.resolve = easy_keep, resolve
+        self.easy_keep = easy_keep
         if source == "embedded":
             cells = data.embedded()
             self.sampler, self.n_range = embedded_sampler(cells, mix, ambient, shuffle)
@@ -404,7 +404,7 @@ class Examples:
         n = int(rng.integers(lo, hi + 1))
         while True:  # rejection sampling, as the paper: keep only traces whose answer is fully correct
             p = self.sampler.sample(n, rng)
-            trace = self.teacher.accepted_trace(p, self.trace_order, self.trace_form, self.resolve)
+            trace = self.teacher.accepted_trace(p, self.trace_order, self.trace_form)
             if trace is None:
                 n = int(rng.integers(lo, hi + 1))
                 continue
@@ -507,10 +507,6 @@ def parse_args(argv=None):
     p.add_argument("--trace-order", default=None, choices=["confidence", "cell", "fix"],
                    help="embedded teacher traces: resolve cells most confident first, in cell order, or 'fix': every "
                    "cell's best fit in cell order, then the repeated types resolved (default: tiny fix, else cell)")
-    p.add_argument("--resolve", default="hungarian", choices=["hungarian", "greedy"],
-                   help="embedded fix-order traces: how the repeated types are resolved, the one-to-one optimum of the "
-                   "teacher's scores, or data.greedy_resolve (the highest-scoring cell keeps a repeated type, the others "
-                   "take their best free type)")
     p.add_argument("--trace-form", default="type", choices=["evidence", "type"],
                    help="embedded teacher traces: 'markers -> type' per cell, or 'type (markers)'")
     p.add_argument("--mix", type=float, default=None, help="embedded data: probability that a train cell is pooled with "
@@ -594,11 +590,8 @@ def main(argv=None):
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world})")
     start = prepare_run_dir(args.out, args.resume, "sft_log.jsonl")
-    if args.resolve != "hungarian" and args.trace_order != "fix":
-        raise SystemExit(f"--resolve {args.resolve} needs --trace-order fix")
     examples = Examples(args.data, args.seed, args.split, args.skip_bad, args.trace_order, trace_form=args.trace_form,
-                        mix=args.mix, ambient=args.ambient, easy_keep=args.easy_keep, shuffle=args.shuffle,
-                        resolve=args.resolve)
+                        mix=args.mix, ambient=args.ambient, easy_keep=args.easy_keep, shuffle=args.shuffle)
     if args.steps:
         steps = args.steps
     elif len(examples):

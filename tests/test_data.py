@@ -350,37 +350,16 @@ def test_accepted_traces_score_one(pbmc, order, form):
     assert all(reward.score(p.assistant, p.answer, "batch") == 1.0 for p in stream)
 
 
-def test_greedy_resolve_hand_computed():
-    # cells 0 and 1 both name type 0; cell 1 scores higher for it and keeps it; cell 0 takes its best free type (1).
-    # The Hungarian optimum (5 + 4.9 + 1 = 10.9 > 0 + 5.5 + 5) would instead move cell 2, which named type 2 alone.
-    s = np.array([[5.0, 0.0, 0.0], [5.5, 0.0, 4.9], [0.0, 1.0, 5.0]])
-    col, moved = data.greedy_resolve(s)
-    assert col.tolist() == [1, 0, 2] and moved == [0]
-    assert data.hungarian(s).tolist() == [0, 2, 1]
-    # three cells name type 0: the best for it (cell 1) keeps it; the others move in cell order, each to its best
-    # type among those nobody holds yet (cell 0: type 1 (4 > 0); then cell 2: type 2, the only one left)
-    s = np.array([[5.0, 4.0, 0.0, 0.0], [6.0, 1.0, 3.0, 0.0], [4.0, 3.0, 2.0, 1.0], [0.0, 0.0, 0.0, 9.0]])
-    col, moved = data.greedy_resolve(s)
-    assert col.tolist() == [1, 0, 2, 3] and moved == [0, 2]
-    col, moved = data.greedy_resolve(np.eye(3))
-    assert col.tolist() == [0, 1, 2] and moved == []
-
-
-@pytest.mark.parametrize("resolve", ["hungarian", "greedy"])
-def test_fix_trace_is_argmax_then_the_moves_of_the_optimum(pbmc, resolve):
+def test_fix_trace_is_argmax_then_the_moves_of_the_optimum(pbmc):
     """order="fix": N lines of per-cell argmax in cell order, a repeat marked "as cell k" (the first cell that named
     the type); then "Every type is used once" or the repeated types with their cells, the unused types, and one line
-    per cell that the resolution moves: the Hungarian optimum's in cell order, greedy_resolve's in its order."""
+    per cell that the Hungarian optimum moves."""
     split, teacher = pbmc
     puzzles = take(data.train_stream(split, seed=5), 100) + data.test_puzzles(split, per_n=10)
     moved_any = 0
     for p in puzzles:
-        completion, types = teacher.trace(p, "fix", "type", resolve)
-        if resolve == "hungarian":
-            assert reward.parse(completion) == types == teacher.solve(p)
-        else:
-            col, order = data.greedy_resolve(teacher.scores(p))
-            assert reward.parse(completion) == types == [p.candidates[j] for j in col]
+        completion, types = teacher.trace(p, "fix", "type")
+        assert reward.parse(completion) == types == teacher.solve(p)
         lines = completion.split("</think>")[0].removeprefix("<think>").removesuffix(".").split("\n")
         named = lambda ln: ln.split(": ", 1)[1].split(" (")[0]
         assert [ln.split(":")[0] for ln in lines[:p.n]] == [f"Cell {i + 1}" for i in range(p.n)]
@@ -396,7 +375,7 @@ def test_fix_trace_is_argmax_then_the_moves_of_the_optimum(pbmc, resolve):
         head = lines[p.n]
         assert head.startswith("Repeated: ") and all(f"{t} (cells " in head for t in repeated)
         assert head.split("Unused: ")[1].split(", ") == [t for t in p.candidates if t not in argmax]
-        moved = [i for i in range(p.n) if types[i] != argmax[i]] if resolve == "hungarian" else order
+        moved = [i for i in range(p.n) if types[i] != argmax[i]]
         assert [ln.split(":")[0] for ln in lines[p.n + 1:]] == [f"Cell {i + 1}" for i in moved]
         assert [named(ln) for ln in lines[p.n + 1:]] == [types[i] for i in moved]
         moved_any += bool(moved)
