@@ -58,7 +58,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from model import KVCache, Transformer
 

@@ -324,7 +324,7 @@ def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, sto
     float. Every rank must call it (collectives). Returns (the step's metrics, reduced over ranks; this rank's
     rollouts). Runs without a process group too (1 rank), on a plain or an FSDP2 model."""
     assert (ref is None) == (args.kl_coef == 0), "a reference model exactly when --kl-coef > 0"
-    device, world = next(model.parameters()).device, world_size()
+    device = next(model.parameters()).device
     t0 = time.time()
     sync_weights(model, infer)  # rollouts from the weights being trained
     rollouts = generate_rollouts(infer, prompts, args, step, stop_ids)
