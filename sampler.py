@@ -88,9 +88,9 @@ class DecodeGraphs:
     prompt length), so a padding row writes K/V only at generated index 0 of a free slot. The next owner of the slot
     writes that index before reading it, and padding logits are dropped: padding never changes a real row.
     A bucket's graph is captured the first time it is needed: that step first runs eagerly (it compiles the Triton
-    kernels, and its logits are the ones used), then is captured. All graphs share one memory pool; the logits of a
-    replay must be consumed before the next replay (the sampler does). capture=False runs the same padded step
-    eagerly: the path the CPU tests check against the unpadded one."""
+    kernels, and its logits are the ones used), then is captured. All graphs share one memory pool and write their
+    logits into one (S, V) buffer, so a step's logits must be consumed before the next step (the sampler does).
+    capture=False runs the same padded step eagerly: the path the CPU tests check against the unpadded one."""
 
     def __init__(self, model: Transformer, cache: KVCache, slots: int, capture: bool):
         self.model, self.cache, self.capture = model, cache, capture
@@ -99,14 +99,16 @@ class DecodeGraphs:
         self.tok = torch.zeros(slots, 1, dtype=torch.long, device=dev)   # static inputs: (S, 1) token, position
         self.pos = torch.zeros(slots, 1, dtype=torch.long, device=dev)
         self.slots = torch.arange(slots, device=dev)
+        # static output, shared by all buckets: per-bucket outputs would each stay allocated (b x V, 0.3 MB a row
+        # with Qwen2.5's vocabulary)
+        self.logits = torch.empty(slots, model.config.vocab_size, dtype=cache.k.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # static output of each captured bucket, (b, V)
         self.pool = None
         self.pad_rows = 0  # padding rows run so far (stats)
 
-    def _step(self, b: int) -> torch.Tensor:
+    def _step(self, b: int) -> None:
         h = self.model.hidden(self.tok[:b], positions=self.pos[:b], cache=self.cache, slots=self.slots[:b])
-        return self.model.lm_head(h[:, 0])
+        torch.mm(h[:, 0], self.model.lm_head.weight.t(), out=self.logits[:b])  # lm_head (no bias) into the buffer
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tok, pos (B,): the active rows' last tokens and their positions (row i in slot i) -> logits (B, V)."""
@@ -118,19 +120,18 @@ class DecodeGraphs:
             self.tok[B:b, 0] = 0
             self.pos[B:b, 0] = self.cache.prompt_len[self.cache.group[B:b]]
             self.pad_rows += b - B
-        if not self.capture:
-            return self._step(b)[:B]
         graph = self.graphs.get(b)
-        if graph is None:
-            logits = self._step(b)  # eager: compiles the kernels; this step's result
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[b] = self._step(b)
-            self.pool = self.pool or graph.pool()
-            self.graphs[b] = graph
-            return logits[:B]
-        graph.replay()
-        return self.logits[b][:B]
+        if not self.capture or graph is None:
+            self._step(b)  # eager (on CUDA: compiles the kernels before the capture); this step's result
+            if self.capture:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self._step(b)  # recorded, not run: the buffer keeps the eager step's logits
+                self.pool = self.pool or graph.pool()
+                self.graphs[b] = graph
+        else:
+            graph.replay()
+        return self.logits[:B]
 
 
 class Sampler:
