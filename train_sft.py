@@ -375,9 +375,9 @@ class Examples:
 
     def __init__(self, source: str, seed: int, split: str = "reasoning", skip_bad: bool = False,
                  trace_order: str = "cell", ramp: int = 0, trace_form: str = "type", mix: float = 0.0,
-                 ambient: float = 0.0, easy_keep: float = 1.0, shuffle: float = 0.0):
+                 ambient: float = 0.0, easy_keep: float = 1.0, shuffle: float = 0.0, n_weights: str = "uniform"):
         self.seed, self.trace_order, self.ramp, self.trace_form = seed, trace_order, ramp, trace_form
-        self.easy_keep = easy_keep
+        self.easy_keep, self.n_weights = easy_keep, n_weights
         if source == "embedded":
             cells = data.embedded()
             self.sampler, self.n_range = embedded_sampler(cells, mix, ambient, shuffle)
@@ -401,12 +401,15 @@ class Examples:
         lo, hi = self.n_range
         if self.ramp:  # curriculum: the largest N grows linearly from lo to hi over the first `ramp` examples
             hi = lo + math.ceil((hi - lo) * min(1.0, i / self.ramp))
-        n = int(rng.integers(lo, hi + 1))
+        ns = np.arange(lo, hi + 1)
+        draw_n = ((lambda: int(rng.integers(lo, hi + 1))) if self.n_weights == "uniform"
+                  else (lambda: int(rng.choice(ns, p=ns / ns.sum()))))  # "linear": P(N) proportional to N
+        n = draw_n()
         while True:  # rejection sampling, as the paper: keep only traces whose answer is fully correct
             p = self.sampler.sample(n, rng)
             trace = self.teacher.accepted_trace(p, self.trace_order, self.trace_form)
             if trace is None:
-                n = int(rng.integers(lo, hi + 1))
+                n = draw_n()
                 continue
             if self.easy_keep < 1 and not self.teacher.hard(p) and rng.random() >= self.easy_keep:
                 continue  # same N: the easy ones are thinned at every N alike
@@ -522,6 +525,9 @@ def parse_args(argv=None):
                    "that is not hard (data.Teacher.hard: no repeat in the per-cell argmax, every cell's best type a "
                    "candidate); below 1 the train mix moves toward held-out puzzles, which are mostly hard (default: "
                    "tiny 0.1, else 1)")
+    p.add_argument("--n-weights", default="uniform", choices=["uniform", "linear"],
+                   help="embedded data: how N is drawn within the curriculum's range: uniformly, or with probability "
+                   "proportional to N (more of the run on the large puzzles; measured in the README, ninth session)")
     p.add_argument("--curriculum", type=float, default=None, help="embedded data: fraction of the run over which the "
                    "largest N grows from the smallest to the largest of the range (0: the full range from step 0; default: tiny "
                    "0.5, else 0)")
@@ -591,7 +597,8 @@ def main(argv=None):
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world})")
     start = prepare_run_dir(args.out, args.resume, "sft_log.jsonl")
     examples = Examples(args.data, args.seed, args.split, args.skip_bad, args.trace_order, trace_form=args.trace_form,
-                        mix=args.mix, ambient=args.ambient, easy_keep=args.easy_keep, shuffle=args.shuffle)
+                        mix=args.mix, ambient=args.ambient, easy_keep=args.easy_keep, shuffle=args.shuffle,
+                        n_weights=args.n_weights)
     if args.steps:
         steps = args.steps
     elif len(examples):

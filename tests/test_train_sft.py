@@ -195,6 +195,17 @@ def test_easy_keep_thins_the_easy_puzzles_at_every_n():
     assert hard[77][1] == Examples("embedded", seed=0, trace_order="fix", easy_keep=0.0)[77][1]
 
 
+def test_linear_n_weights_draw_n_in_proportion():
+    """--n-weights linear: P(N) proportional to N in 3..8 (a rejected trace redraws N the same way, and large N is
+    rejected more often, so the counts lean a little below that); examples stay a pure function of (seed, i)."""
+    from train_sft import Examples
+    lin, uni = (Examples("embedded", seed=0, trace_order="fix", n_weights=w) for w in ("linear", "uniform"))
+    counts = {w: np.bincount([ex[i][0].n for i in range(400)], minlength=9)[3:] for w, ex in (("l", lin), ("u", uni))}
+    # P(8) / P(3) is 8 / 3 for linear weights, 1 for uniform ones
+    assert counts["l"][5] > 1.8 * counts["l"][0] and counts["u"][5] < 1.5 * counts["u"][0], counts
+    assert (counts["l"] * np.arange(3, 9)).sum() > (counts["u"] * np.arange(3, 9)).sum() + 0.3 * 400, counts
+    assert lin[123][1] == Examples("embedded", seed=0, trace_order="fix", n_weights="linear")[123][1]
+
 @pytest.mark.parametrize("flag", ["--easy-keep", "--mix", "--ambient", "--shuffle"])
 def test_probability_flags_outside_0_1_are_refused(flag, capsys):
     from train_sft import parse_args
