@@ -525,9 +525,10 @@ def parse_args(argv=None):
                    "that is not hard (data.Teacher.hard: no repeat in the per-cell argmax, every cell's best type a "
                    "candidate); below 1 the train mix moves toward held-out puzzles, which are mostly hard (default: "
                    "tiny 0.1, else 1)")
-    p.add_argument("--n-weights", default="uniform", choices=["uniform", "linear"],
+    p.add_argument("--n-weights", default=None, choices=["uniform", "linear"],
                    help="embedded data: how N is drawn within the curriculum's range: uniformly, or with probability "
-                   "proportional to N (more of the run on the large puzzles; measured in the README, ninth session)")
+                   "proportional to N (more of the run on the large puzzles; measured in the README, ninth session; "
+                   "default: tiny linear, else uniform)")
     p.add_argument("--curriculum", type=float, default=None, help="embedded data: fraction of the run over which the "
                    "largest N grows from the smallest to the largest of the range (0: the full range from step 0; default: tiny "
                    "0.5, else 0)")
@@ -571,13 +572,15 @@ def parse_args(argv=None):
     # optimizer steps, N growing from 3 (curriculum), the one-line system turn, the fix-order trace, Muon, and new
     # cells made by pooling (mix) and ambient UMIs (the model learns the markers instead of its 490 train cells),
     # and mostly hard puzzles (easy_keep: the teacher reads its own train cells too well, so few train puzzles need
-    # the candidates or the one-to-one rule, unlike held-out ones).
+    # the candidates or the one-to-one rule, unlike held-out ones), with N drawn in proportion to N (n_weights: the
+    # margin over the argmax is thinnest at large N).
     for k, t, real in [("batch_size", 8, 96), ("micro_batch", 8, 1), ("lr", 1e-3, 5e-5), ("warmup", 20, 0),
                        ("schedule", "cosine", "linear"), ("weight_decay", 0.1, 0.0), ("eval_puzzles", 10, 200),
                        ("eval_max_new_tokens", 512, 3500), ("steps", 1400, None), ("curriculum", 0.5, 0.0),
                        ("system", "short", "released"), ("eval_every", 700, 100), ("trace_order", "fix", "cell"),
                        ("optim", "muon", "adamw"), ("muon_lr", 0.01, 0.02), ("mix", 0.5, 0.0), ("ambient", 0.5, 0.0),
-                       ("ema", 0.995, 0.0), ("save_every", 700, 175), ("easy_keep", 0.1, 1.0)]:
+                       ("ema", 0.995, 0.0), ("save_every", 700, 175), ("easy_keep", 0.1, 1.0),
+                       ("n_weights", "linear", "uniform")]:
         if getattr(args, k) is None:
             setattr(args, k, t if tiny else real)
     for k in ("mix", "ambient", "easy_keep", "shuffle"):
