@@ -261,9 +261,17 @@ def save_checkpoint(run_dir, model, optim, meta: dict, tokenizer_dir, ema: EMA |
     dist.barrier()
 
 
-def load_checkpoint(run_dir, model, optim, ema: EMA | None = None) -> dict:
+# The flags that define training example i (Examples), with the value a run saved before the flag existed had.
+# (--data is left out: a moved file is the same data.)
+STREAM_FLAGS = {"seed": None, "trace_order": None, "trace_form": None, "mix": None, "ambient": None, "easy_keep": 1.0,
+                "shuffle": 0.0, "n_weights": "uniform", "curriculum": None}
+
+
+def load_checkpoint(run_dir, model, optim, ema: EMA | None = None, args=None) -> dict:
     """Restore weights, optimizer state and the EMA's shadows in place; returns meta.json. A run saved with an EMA
-    and resumed without one (or the reverse) is refused before anything is read from state/."""
+    and resumed without one (or the reverse), or resumed with other `STREAM_FLAGS` than it was trained with (`args`:
+    the resumed run's; a new default would otherwise change the data mid-run), is refused before anything is read
+    from state/."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     ckpt = os.path.join(run_dir, "checkpoint")
@@ -272,6 +280,12 @@ def load_checkpoint(run_dir, model, optim, ema: EMA | None = None) -> dict:
     saved = meta["args"].get("ema", 0)
     if bool(saved) != bool(ema):
         raise SystemExit(f"{run_dir} was trained with --ema {saved}: resume it with the same --ema")
+    for k, before in STREAM_FLAGS.items():
+        was = meta["args"].get(k, before)
+        if args is not None and was is not None and was != getattr(args, k):
+            flag = "--" + k.replace("_", "-")
+            raise SystemExit(f"{run_dir} was trained with {flag} {was}, this run has {flag} {getattr(args, k)}: "
+                             f"resume it with {flag} {was} (the training data would change mid-run)")
     msd, osd = get_state_dict(model, optim)
     state = {"model": msd, "optim": osd, **({"ema": ema.shadow} if ema else {})}  # loaded in place
     dcp.load(state, checkpoint_id=os.path.join(ckpt, "state"))
@@ -619,7 +633,7 @@ def main(argv=None):
     optim = make_optimizer(model, args.optim, args.lr, args.weight_decay, args.muon_lr)
     ema = EMA(model, args.ema, int(args.ema_start * steps)) if args.ema else None
     if start:
-        load_checkpoint(args.out, model, optim, ema)
+        load_checkpoint(args.out, model, optim, ema, args)
     eval_set = eval_puzzles(args.eval_data or ("embedded" if args.data == "embedded" else args.data),
                             args.eval_puzzles, args.seed + 1)
     log = Log(os.path.join(args.out, "sft_log.jsonl"))

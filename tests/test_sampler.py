@@ -99,7 +99,6 @@ def test_greedy_with_stops_and_slot_reuse(model, stop_refs, max_batch):
     assert len({len(o.tokens) for o in outs}) >= 3
 
 
-
 @pytest.mark.parametrize("max_batch", [11, None])
 def test_bucket_padded_decode_matches_naive(model, stop_refs, max_batch):
     """The CUDA-graph step's padding (DecodeGraphs, run eagerly here): rows padded up to a batch-size bucket decode in
@@ -117,6 +116,7 @@ def test_bucket_padded_decode_matches_naive(model, stop_refs, max_batch):
         tokens, logprobs = refs[o.prompt_index]
         assert o.tokens == tokens
         torch.testing.assert_close(torch.tensor(o.logprobs), torch.tensor(logprobs), atol=1e-4, rtol=0)
+
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
 def test_logprobs_match_full_recompute(model, temperature):

@@ -153,6 +153,11 @@ def test_published_model_is_the_ema(tiny_dir, tmp_path):
     assert moved > 0  # the average is not the last weights
     r = subprocess.run(sft_cmd(tiny_dir, out, steps=6, extra=["--resume"]), env=ENV, capture_output=True, text=True)
     assert r.returncode != 0 and "--ema" in r.stderr
+    # a data flag changed on resume (here the N weights, uniform for a model folder) is refused the same way
+    r = subprocess.run(sft_cmd(tiny_dir, out, steps=6, extra=["--resume", "--ema", "0.5", "--ema-start", "0.25",
+                                                              "--n-weights", "linear"]),
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0 and "resume it with --n-weights uniform" in r.stderr, r.stderr[-2000:]
 
 
 def test_checkpoint_loads_in_transformers(tiny_dir, tmp_path):
@@ -205,6 +210,7 @@ def test_linear_n_weights_draw_n_in_proportion():
     assert counts["l"][5] > 1.8 * counts["l"][0] and counts["u"][5] < 1.5 * counts["u"][0], counts
     assert (counts["l"] * np.arange(3, 9)).sum() > (counts["u"] * np.arange(3, 9)).sum() + 0.3 * 400, counts
     assert lin[123][1] == Examples("embedded", seed=0, trace_order="fix", n_weights="linear")[123][1]
+
 
 @pytest.mark.parametrize("flag", ["--easy-keep", "--mix", "--ambient", "--shuffle"])
 def test_probability_flags_outside_0_1_are_refused(flag, capsys):
