@@ -33,13 +33,11 @@ paper, a trace is kept only when its answer is fully correct (rejection sampling
 """
 import argparse
 import glob
-import itertools
 import json
 import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -325,13 +323,13 @@ class PuzzleSampler:
     Cell order = the order the types were drawn. Every choice goes through the given numpy Generator."""
 
     def __init__(self, data: CellData, pool: np.ndarray, n_genes: int, augment: bool = False, p_range=(0.3, 0.8),
-                 mix: float = 0.0, ambient: float = 0.0, shuffle: float = 0.0):
+                 mix: float = 0.0, ambient: float = 0.0):
         if augment and not data.counts:
             raise ValueError("augment needs integer counts (CellData.counts)")
-        if (mix or ambient or shuffle) and not augment:
-            raise ValueError("mix, ambient and shuffle build new UMI counts: they need augment")
+        if (mix or ambient) and not augment:
+            raise ValueError("mix and ambient build new UMI counts: they need augment")
         self.data, self.n_genes, self.augment, self.p_range = data, n_genes, augment, p_range
-        self.mix, self.ambient, self.shuffle = mix, ambient, shuffle
+        self.mix, self.ambient = mix, ambient
         self.groups: dict[str, dict[str, list[int]]] = {}   # donor -> type -> cells
         for c in np.sort(pool):
             self.groups.setdefault(str(data.donors[c]), {}).setdefault(str(data.labels[c]), []).append(c)
@@ -347,16 +345,10 @@ class PuzzleSampler:
         - with probability `mix` (and a mate: another pool cell of c's type and donor) c's counts are pooled with the
           mate's and thinned to half the depth, a new cell of the type at a depth like the others';
         - with probability `ambient` (and a stranger: a pool cell of another type, same donor) a random 5-30% of the
-          stranger's UMIs are added, like ambient RNA or a partial doublet;
-        - with probability `shuffle` (and a mate) each gene's count is taken from a random cell of the mates (c's
-          type and donor, c included), gene by gene: a cell no one measured, whose genes are independent given its
-          type, as the teacher's marker model assumes, so it can only be read by weighing markers."""
+          stranger's UMIs are added, like ambient RNA or a partial doublet."""
         if not self.augment:
             return self.cache[c]
         counts, depth = self.data.values[c], 1.0
-        if self.shuffle and len(mates) > 1 and rng.random() < self.shuffle:
-            m = np.asarray(mates)
-            counts = self.data.values[m[rng.integers(len(m), size=counts.shape[0])], np.arange(counts.shape[0])]
         if self.mix and len(mates) > 1 and rng.random() < self.mix:
             others = [m for m in mates if m != c]
             counts, depth = counts + self.data.values[others[rng.integers(len(others))]], 0.5
@@ -388,20 +380,61 @@ def test_puzzles(split: CellSplit, cfg: PuzzleConfig = CPU, per_n: int = 50, see
     return [sampler.sample(n, rng) for n in range(lo, min(hi, sampler.max_n()) + 1) for _ in range(per_n)]
 
 
-def train_stream(split: CellSplit, cfg: PuzzleConfig = CPU, seed: int = 0, teacher=None) -> Iterator[Puzzle]:
-    """Endless train puzzles (train cells only), N uniform in cfg.n_range, augmented afresh when cfg.augment.
-    With a teacher, assistant is an accepted trace and puzzles whose trace is rejected are skipped."""
-    sampler = PuzzleSampler(split.data, split.train, cfg.n_genes, cfg.augment, cfg.p_range)
-    rng = np.random.default_rng(seed)
-    lo, hi = cfg.n_range[0], min(cfg.n_range[1], sampler.max_n())
-    while True:
-        p = sampler.sample(int(rng.integers(lo, hi + 1)), rng)
-        if teacher is not None:
-            trace = teacher.accepted_trace(p, order="fix", form="type")  # the form train_sft.py trains the tiny model on
+class PuzzleStream:
+    """Train puzzle i of a run, a pure function of (seed, i), so a resumed run needs only its step count. The one
+    stream behind SFT examples, GRPO prompts and the export:
+      - rows (released puzzles): row i is the rows in a permutation seeded by (seed, epoch), epochs wrapping forever;
+      - cells (a CellSplit): a fresh puzzle of train cells (augmented afresh when cfg.augment; `mix`, `ambient`: see
+        PuzzleSampler.genes_of) drawn with rng(seed, *key, i). N is drawn in cfg.n_range (capped by the donors),
+        uniformly or with P(N) proportional to N (`n_weights` "linear"); with `ramp` > 0 the largest N grows from the
+        smallest to the largest over the first `ramp` puzzles (a curriculum). With a `teacher`, assistant is its
+        accepted `trace_order` trace (puzzles whose trace is wrong are redrawn with a new N, as the paper's rejection
+        sampling), and a puzzle that is not `Teacher.hard` is kept with probability `easy_keep` (redrawn, same N).
+    `key` separates streams of one seed (GRPO prompts use (1,): prompt i is not SFT example i)."""
+
+    def __init__(self, seed: int, rows: list[Puzzle] | None = None, cells: CellSplit | None = None,
+                 cfg: PuzzleConfig = None, key: tuple = (), mix: float = 0.0, ambient: float = 0.0,
+                 n_weights: str = "uniform", ramp: int = 0, teacher=None, trace_order: str = "fix",
+                 easy_keep: float = 1.0):
+        if (rows is None) == (cells is None):
+            raise ValueError("PuzzleStream takes rows or cells, not both")
+        self.seed, self.rows, self.key, self.n_weights, self.ramp = seed, rows, tuple(key), n_weights, ramp
+        self.teacher, self.trace_order, self.easy_keep = teacher, trace_order, easy_keep
+        if cells is not None:
+            cfg = cfg or CPU
+            self.sampler = PuzzleSampler(cells.data, cells.train, cfg.n_genes, cfg.augment, cfg.p_range, mix, ambient)
+            self.n_range = (cfg.n_range[0], min(cfg.n_range[1], self.sampler.max_n()))
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else 0  # 0: endless
+
+    def _draw_n(self, i: int, rng: np.random.Generator) -> int:
+        lo, hi = self.n_range
+        if self.ramp:  # curriculum: the largest N grows linearly from lo to hi over the first `ramp` puzzles
+            hi = lo + math.ceil((hi - lo) * min(1.0, i / self.ramp))
+        if self.n_weights == "uniform":
+            return int(rng.integers(lo, hi + 1))
+        ns = np.arange(lo, hi + 1)
+        return int(rng.choice(ns, p=ns / ns.sum()))  # "linear": P(N) proportional to N
+
+    def __getitem__(self, i: int) -> Puzzle:
+        if self.rows is not None:
+            epoch, j = divmod(i, len(self.rows))
+            return self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[j]]
+        rng = np.random.default_rng([self.seed, *self.key, i])
+        n = self._draw_n(i, rng)
+        while True:
+            p = self.sampler.sample(n, rng)
+            if self.teacher is None:
+                return p
+            trace = self.teacher.accepted_trace(p, self.trace_order)
             if trace is None:
+                n = self._draw_n(i, rng)
                 continue
+            if self.easy_keep < 1 and not self.teacher.hard(p) and rng.random() >= self.easy_keep:
+                continue  # same N: the easy ones are thinned at every N alike
             p.assistant = trace
-        yield p
+            return p
 
 
 def embedded(cfg: PuzzleConfig = CPU) -> CellSplit:
@@ -415,8 +448,9 @@ def export(split: CellSplit, out_dir: str, cfg: PuzzleConfig = CPU, n_train: int
     train puzzles, none of them the same draw as a train.jsonl row) and test.jsonl. Returns row counts."""
     os.makedirs(out_dir, exist_ok=True)
     teacher = fit_embedded_teacher(split, cfg, seed=seed)
-    rows = {"train": list(itertools.islice(train_stream(split, cfg, seed), n_train)),
-            "reasoning": list(itertools.islice(train_stream(split, cfg, seed + 1, teacher), n_train)),
+    train, reasoning = PuzzleStream(seed, cells=split, cfg=cfg), PuzzleStream(seed + 1, cells=split, cfg=cfg,
+                                                                                teacher=teacher)
+    rows = {"train": [train[i] for i in range(n_train)], "reasoning": [reasoning[i] for i in range(n_train)],
             "test": test_puzzles(split, cfg, per_n, seed)}
     for name, puzzles in rows.items():
         write_jsonl(puzzles, os.path.join(out_dir, f"{name}.jsonl"))
@@ -509,19 +543,13 @@ class Teacher:
         w = [self.weight[self.types.index(t), self.vocab[g]] if g in self.vocab else -math.inf for g in genes]
         return [genes[i] for i in sorted(range(len(genes)), key=lambda i: -w[i])[:k]]
 
-    def trace(self, p: Puzzle, order: str = "confidence", form: str = "evidence") -> tuple[str, list[str]]:
-        """(completion, its types in cell order). order="confidence": cells are resolved most confident first; a
-        cell whose best type went to another cell waits until that cell is placed, then its line says so (the
-        Hungarian optimum makes these waits acyclic). order="cell": cells 1..N in turn; a cell whose best type
-        belongs to another cell says which ("but cell k fits it better") and takes its assigned type. Each line
-        names 2 markers, the type, and the candidates still free. order="fix": see _fix_trace.
-        form="evidence": "markers -> type"; form="type": "type (markers)", the decision first (easier for a small
-        model: one decision per line, then the evidence)."""
-        def say(i: int, t: str) -> str:
-            ms = ", ".join(self.markers(p.cells[i], t))
-            if form == "evidence":
-                return f"{ms} -> {t}"
-            return f"{t} ({ms})"
+    def trace(self, p: Puzzle, order: str = "fix") -> tuple[str, list[str]]:
+        """(completion, its types in cell order). Each line names a type, then the 2 listed genes that point to it
+        most: "type (markers)", the decision first (one decision per line, then the evidence: easier for a small
+        model than evidence first). order="fix": see _fix_trace. order="cell": cells 1..N in turn; a cell whose best
+        type belongs to another cell says so ("but cell k fits it better") and takes its assigned type; each line
+        ends with the candidates still free."""
+        say = lambda i, t: f"{t} ({', '.join(self.markers(p.cells[i], t))})"  # noqa: E731
         s = self.scores(p)
         col = hungarian(s)
         best = s.argmax(1)
@@ -529,20 +557,17 @@ class Teacher:
         sep = "; " if any("," in c for c in p.candidates) else ", "   # released names can hold commas
         if order == "fix":
             return self._fix_trace(p, col, best, say, sep, types), types
+        if order != "cell":
+            raise ValueError(f"unknown trace order {order!r} (fix or cell)")
         owner = {int(j): i for i, j in enumerate(col)}
-        visit = list(range(p.n)) if order == "cell" else self._confidence_order(s, col, best, owner)
-        free, placed, lines = list(p.candidates), set(), []
-        for i in visit:
+        free, lines = list(p.candidates), []
+        for i in range(p.n):
             t = p.candidates[col[i]]
             line = f"Cell {i + 1}: "
-            k = owner[int(best[i])]
-            if best[i] != col[i] and (order == "cell" or k in placed):
-                a = p.candidates[best[i]]
-                why = f"but cell {k + 1} fits it better" if order == "cell" else f"taken by cell {k + 1}"
-                line += f"{say(i, a)}, {why}; "
+            if best[i] != col[i]:
+                line += f"{say(i, p.candidates[best[i]])}, but cell {owner[int(best[i])] + 1} fits it better; "
             line += f"{say(i, t)}."
             free.remove(t)
-            placed.add(i)
             if free:
                 line += f" Left: {sep.join(free)}"
             lines.append(line)
@@ -572,23 +597,9 @@ class Teacher:
             lines += [line(i, j) for i, j in enumerate(col) if j != best[i]]
         return render_completion("\n".join(lines) + ".", types)
 
-    @staticmethod
-    def _confidence_order(s, col, best, owner) -> list[int]:
-        """Most confident (largest margin over the runner-up) first; a cell whose best type belongs to another cell
-        waits until that cell is placed."""
-        n = len(col)
-        second = np.array([np.max(np.delete(s[i], col[i])) if n > 1 else 0.0 for i in range(n)])
-        margin = s[np.arange(n), col] - second
-        done: list[int] = []
-        while len(done) < n:
-            ready = [i for i in range(n) if i not in done and (best[i] == col[i] or owner[int(best[i])] in done)]
-            pool = ready or [i for i in range(n) if i not in done]   # fallback for exact ties only
-            done.append(max(pool, key=lambda i: (margin[i], -i)))
-        return done
-
-    def accepted_trace(self, p: Puzzle, order: str = "confidence", form: str = "evidence") -> str | None:
+    def accepted_trace(self, p: Puzzle, order: str = "fix") -> str | None:
         """The trace if its answer is fully correct (the paper's rejection rule), else None."""
-        completion, types = self.trace(p, order, form)
+        completion, types = self.trace(p, order)
         return completion if types == p.gold else None
 
 

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from train_common import write_json
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # GRPO on the CPU default: 50 steps of 16 puzzles x 8 samples (~10 min), held-out evaluation every 10 steps.
 RL_DEFAULT = "--steps 50 --eval-every 10 --eval-puzzles 10 --eval-before"
@@ -30,12 +32,6 @@ RL_DEFAULT = "--steps 50 --eval-every 10 --eval-puzzles 10 --eval-before"
 TOY_SFT = "--steps 4 --batch-size 4 --micro-batch 4 --eval-every 0 --eval-puzzles 1 --eval-max-new-tokens 8 --save-every 2"
 TOY_RL = ("--steps 2 --prompts-per-step 2 --group-size 2 --max-new-tokens 8 --eval-every 0 --eval-puzzles 1 "
           "--eval-max-new-tokens 8 --save-every 1")
-
-
-def write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def run_stage(name: str, cmd: list[str]) -> None:
@@ -63,18 +59,17 @@ def evaluate_model(model_dir: str, puzzles, max_new_tokens: int) -> dict:
 
 
 def decode_model(model_dir: str, puzzles, max_new_tokens: int) -> tuple[dict, list[str]]:
-    """Greedy decoding of a final model (bf16, our sampler) with the system turn its SFT run trained with:
-    (metrics, completions)."""
+    """Greedy decoding of a final model (bf16, our sampler) with the system turn it was trained with (its
+    cello.json): (metrics, completions)."""
     import torch
 
-    import train_sft
     from model import Transformer, load_tokenizer
-    from train_rl import sft_system
+    from train_common import evaluate, init_distributed, model_card, system_turn
     if not torch.distributed.is_initialized():
-        train_sft.init_distributed()  # a 1-rank group: evaluate() gathers over ranks
-    system = train_sft.SHORT_SYSTEM if sft_system(model_dir) == "short" else None
+        init_distributed()  # a 1-rank group: evaluate() gathers over ranks
     model = Transformer.from_pretrained(model_dir, "cpu", torch.bfloat16).eval()
-    return train_sft.evaluate(model, load_tokenizer(model_dir), puzzles, max_new_tokens, True, system)
+    system = system_turn(model_card(model_dir).get("system"))
+    return evaluate(model, load_tokenizer(model_dir), puzzles, max_new_tokens, True, system)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -171,7 +166,7 @@ def main(argv=None):
     text = report(run, (time.time() - t0) / 60)
     with open(f"{run}/results.md.tmp", "w") as f:
         f.write(text)
-    os.replace(f"{run}/results.md.tmp", f"{run}/results.md")
+    os.replace(f"{run}/results.md.tmp", f"{run}/results.md")  # never half-written
     print("\n" + text)
     import torch.distributed as dist
     if dist.is_initialized():

@@ -41,6 +41,9 @@ On CUDA the step (model + lm_head) is replayed from CUDA graphs, one per batch-s
 a step issues ~35 kernel launches per layer and the GPU idles between them (scripts/profile_sampler.py measured 23 ms
 of wall time for 3.6 ms of kernels per step at Qwen2.5-0.5B's shape).
 
+Code: `generate` is a short driver loop over a `_Batch`, the state of one call (cache, prompt queue, active rows,
+outputs), alternating `_Batch.admit` (prefill queued prompts) and `_Batch.step` (one decode step).
+
 Sampling (fp32): greedy = argmax. Otherwise p = softmax(logits / T), optionally nucleus-filtered (top_p < 1: keep
 the smallest set of most likely tokens whose mass reaches top_p, renormalised), and one token is drawn by inverse
 CDF with a uniform u[seq, step] taken from a table drawn up front from `torch.Generator().manual_seed(seed)`. The
@@ -214,171 +217,193 @@ class Sampler:
         temperature 0 is greedy (log-probs then at T = 1). top_p nucleus-filters the sampling distribution only (the
         reported log-probs stay unfiltered, see the module docstring). max_batch overrides the sampler's for this
         call. progress shows a tqdm bar counting generated tokens (against the max_new_tokens upper bound)."""
-        from tqdm.auto import tqdm
-
         if n < 1 or max_new_tokens < 0 or temperature < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"bad arguments: n={n}, max_new_tokens={max_new_tokens}, temperature={temperature}, "
                              f"top_p={top_p}")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: at least one token is needed to predict the next")
-        N = len(prompts) * n
-        out = [Completion([], [], i // n, i % n, False) for i in range(N)]
         self.stats = dict(prefill_calls=0, prefill_rows=0, prefill_tokens=0, decode_steps=0, decode_rows=0,
                           kv_moves=0, slots=0, graphs=0, pad_rows=0)
-        if N == 0 or max_new_tokens == 0:
-            return out
-
-        model = self.model
-        p0 = next(model.parameters())
-        device, dtype = p0.device, p0.dtype
-        Tp = pad64(max(len(p) for p in prompts))
-        Tg = max_new_tokens - 1
-        S = self._slot_count(N, n, Tp, Tg, max_batch if max_batch is not None else self.max_batch, device, dtype)
-        G = S // n
-        self.stats["slots"] = S
-        cache = KVCache.allocate(model.config, G, Tp, S, Tg, device, dtype)
-        free_groups = list(range(G))  # prompt groups not in use
-        graphs = None
-        if (device.type == "cuda" and self.cuda_graphs) or self._pad_on_cpu:
-            graphs = DecodeGraphs(model, cache, S, capture=device.type == "cuda")
-        rows_left = [0] * G  # unfinished rows of each group in use
-
-        sampling = temperature > 0.0
-        if sampling:
-            gen = torch.Generator()
-            gen.manual_seed(seed) if seed is not None else gen.seed()  # gen.seed(): fresh, global RNG untouched
-            uniforms = torch.rand(N, max_new_tokens, generator=gen).to(device)
-        stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
-        out_tokens = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
-        out_logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
-        out_len = torch.zeros(N, dtype=torch.long, device=device)
-        out_stopped = torch.zeros(N, dtype=torch.bool, device=device)
-
-        # Active rows; row i lives in cache slot i (its prompt group: cache.group[i]). tok: last sampled token (fed
-        # next, at position pos); step: tokens generated so far (step - 1 of them are in the cache); seq: index into
-        # out.
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        tok, pos, step, seq = empty, empty, empty, empty
-        next_prompt = 0
-        bar = tqdm(total=N * max_new_tokens, unit="tok", desc="generate", disable=not progress, leave=False)
-
-        def sample_and_record(logits, seq, step):
-            """Sample the token number `step` of each row; write it out; -> tokens, done mask, stop mask."""
-            u = uniforms[seq, step] if sampling else None
-            t, lp = self._sample(logits, u, temperature, top_p)
-            out_tokens[seq, step] = t
-            out_logprobs[seq, step] = lp
-            stopped = torch.isin(t, stops) if len(stops) else torch.zeros_like(t, dtype=torch.bool)
-            return t, stopped | (step + 1 >= max_new_tokens), stopped
-
-        def retire(done, stopped):
-            """Drop finished rows; move the highest surviving rows into the freed slots below the new batch size."""
-            nonlocal tok, pos, step, seq
-            d_seq, d_len = seq[done], step[done]  # step = tokens generated
-            out_len[d_seq] = d_len
-            out_stopped[d_seq] = stopped[done]
-            bar.update(int((max_new_tokens - d_len).sum()))  # the unused budget of rows that stopped early
-            done_l = done.tolist()
-            B = len(done_l)
-            for g in cache.group[:B][done].tolist():  # free the groups whose last row finished
-                rows_left[g] -= 1
-                if rows_left[g] == 0:
-                    free_groups.append(g)
-            keep = B - sum(done_l)
-            holes = [i for i in range(keep) if done_l[i]]
-            movers = [i for i in range(keep, B) if not done_l[i]]
-            perm = list(range(keep))
-            for h, m in zip(holes, movers):
-                perm[h] = m
-            if movers:
-                src = torch.tensor(movers, device=device)
-                dst = torch.tensor(holes, device=device)
-                P = int(step[src].max()) - 1  # generated entries written: step - 1
-                if P > 0:
-                    cache.k[:, dst, :P] = cache.k[:, src, :P]
-                    cache.v[:, dst, :P] = cache.v[:, src, :P]
-                cache.group[dst] = cache.group[src]
-                self.stats["kv_moves"] += len(movers)
-            perm = torch.tensor(perm, dtype=torch.long, device=device)
-            tok, pos, step, seq = tok[perm], pos[perm], step[perm], seq[perm]
-
-        def admit():
-            """Prefill as many whole prompts as fit (slots for all n samples, a free group, prefill token budget)."""
-            nonlocal tok, pos, step, seq, next_prompt
-            B = len(tok)
-            idx, T = [], 0
-            while (next_prompt + len(idx) < len(prompts) and S - B - (len(idx) + 1) * n >= 0
-                   and len(idx) < len(free_groups)):
-                T_new = max(T, pad64(len(prompts[next_prompt + len(idx)])))
-                if idx and T_new * (len(idx) + 1) > self.prefill_tokens:
-                    break
-                idx.append(next_prompt + len(idx))
-                T = T_new
-            if not idx:
-                return
-            next_prompt += len(idx)
-            k = len(idx)
-            groups = free_groups[:k]
-            del free_groups[:k]
-            for g in groups:
-                rows_left[g] = n
-            groups = torch.tensor(groups, dtype=torch.long, device=device)
-            cache.group[B:B + k * n] = groups.repeat_interleave(n)  # new rows: slots B.., n per prompt
-            ids = torch.zeros(k, T, dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, :len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.long)
-            lens = torch.tensor([len(prompts[i]) for i in idx], dtype=torch.long, device=device)
-            h = model.hidden(ids.to(device), cache=cache, groups=groups, seq_lens=lens)
-            logits = model.lm_head(h[torch.arange(k, device=device), lens - 1])  # last real position only
-            self.stats["prefill_calls"] += 1
-            self.stats["prefill_rows"] += k
-            self.stats["prefill_tokens"] += k * T
-            new_seq = (torch.tensor(idx, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
-            new_step = torch.zeros(k * n, dtype=torch.long, device=device)
-            t, done, stopped = sample_and_record(logits.repeat_interleave(n, 0), new_seq, new_step)
-            bar.update(k * n)
-            tok = torch.cat([tok, t])
-            pos = torch.cat([pos, lens.repeat_interleave(n)])
-            step = torch.cat([step, new_step + 1])
-            seq = torch.cat([seq, new_seq])
-            if done.any():
-                retire(torch.cat([torch.zeros(B, dtype=torch.bool, device=device), done]),
-                       torch.cat([torch.zeros(B, dtype=torch.bool, device=device), stopped]))
-
+        if len(prompts) == 0 or max_new_tokens == 0:
+            return [Completion([], [], i // n, i % n, False) for i in range(len(prompts) * n)]
+        batch = _Batch(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed,
+                       max_batch if max_batch is not None else self.max_batch, progress)
         try:
             while True:
-                while next_prompt < len(prompts) and S - len(tok) >= n and free_groups:
-                    before = next_prompt
-                    admit()
-                    if next_prompt == before:
-                        break
-                B = len(tok)
-                if B == 0:
-                    if next_prompt >= len(prompts):
-                        break
-                    continue
-                if graphs is not None:
-                    logits = graphs(tok, pos)
-                else:
-                    slots = torch.arange(B, device=device)
-                    h = model.hidden(tok[:, None], positions=pos[:, None], cache=cache, slots=slots)
-                    logits = model.lm_head(h[:, 0])
-                self.stats["decode_steps"] += 1
-                self.stats["decode_rows"] += B
-                tok, done, stopped = sample_and_record(logits, seq, step)
-                pos = pos + 1
-                step = step + 1
-                bar.update(B)
-                if done.any():
-                    retire(done, stopped)
+                batch.admit()  # continuous batching: queued prompts join as soon as slots and a group are free
+                if len(batch.tok):
+                    batch.step()
+                elif batch.next_prompt == len(prompts):
+                    break  # nothing active, nothing queued
         finally:
-            bar.close()
-            if graphs is not None:
-                self.stats["graphs"], self.stats["pad_rows"] = len(graphs.graphs), graphs.pad_rows
+            batch.close()
+        return batch.completions()
 
-        out_tokens, out_logprobs = out_tokens.cpu(), out_logprobs.cpu()
-        for i, (L, s) in enumerate(zip(out_len.tolist(), out_stopped.tolist())):
-            out[i].tokens = out_tokens[i, :L].tolist()
-            out[i].logprobs = out_logprobs[i, :L].tolist()
-            out[i].finished = s
-        return out
+
+class _Batch:
+    """The scheduler state of one `generate` call: KV cache, prompt queue, active rows and output buffers.
+    `admit` prefills queued prompts into free slots, `step` decodes one token for every active row, `retire` records
+    finished rows and compacts the survivors into slots 0..B-1, `completions` copies the outputs to the host."""
+
+    def __init__(self, sampler: Sampler, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float,
+                 top_p: float, stop_token_ids, seed: int | None, max_batch: int | None, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.model, self.stats, self.sample = sampler.model, sampler.stats, sampler._sample
+        self.prompts, self.n, self.max_new, self.prefill_tokens = prompts, n, max_new_tokens, sampler.prefill_tokens
+        self.temperature, self.top_p = temperature, top_p
+        p0 = next(self.model.parameters())
+        self.device = device = p0.device
+        N = len(prompts) * n
+        Tp, Tg = pad64(max(len(p) for p in prompts)), max_new_tokens - 1  # Tg: the last token is never fed back
+        self.S = S = sampler._slot_count(N, n, Tp, Tg, max_batch, device, p0.dtype)
+        self.stats["slots"] = S
+        self.cache = KVCache.allocate(self.model.config, S // n, Tp, S, Tg, device, p0.dtype)
+        self.free_groups = list(range(S // n))  # prompt groups not in use
+        self.rows_left = [0] * (S // n)  # unfinished rows of each group in use
+        self.graphs = None
+        if (device.type == "cuda" and sampler.cuda_graphs) or sampler._pad_on_cpu:
+            self.graphs = DecodeGraphs(self.model, self.cache, S, capture=device.type == "cuda")
+        self.uniforms = None  # greedy
+        if temperature > 0.0:
+            gen = torch.Generator()
+            gen.manual_seed(seed) if seed is not None else gen.seed()  # gen.seed(): fresh, global RNG untouched
+            self.uniforms = torch.rand(N, max_new_tokens, generator=gen).to(device)  # u[seq, step]
+        self.stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+        # outputs stay on the device until the end: no host sync per step
+        self.out_tokens = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
+        self.out_logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
+        self.out_len = torch.zeros(N, dtype=torch.long, device=device)
+        self.out_stopped = torch.zeros(N, dtype=torch.bool, device=device)
+        # Active rows (B,); row i lives in cache slot i (its prompt group: cache.group[i]). tok: last sampled token
+        # (fed next, at position pos); n_gen: tokens generated so far (n_gen - 1 of them are in the cache); seq: index
+        # into the outputs.
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        self.tok, self.pos, self.n_gen, self.seq = empty, empty, empty, empty
+        self.next_prompt = 0  # prompts[:next_prompt] have been admitted
+        self.bar = tqdm(total=N * max_new_tokens, unit="tok", desc="generate", disable=not progress, leave=False)
+
+    def admit(self) -> None:
+        """Prefill queued prompts, a batch at a time, while a whole prompt fits: n free slots and a free group."""
+        while self.next_prompt < len(self.prompts) and self.S - len(self.tok) >= self.n and self.free_groups:
+            self._prefill(*self._take_prompts())
+
+    def _take_prompts(self) -> tuple[list[int], int]:
+        """The next prompts to prefill together -> (their indices, padded length): each needs n free slots and a free
+        group, and the batch stays within prefill_tokens padded tokens. admit's condition lets the first one in."""
+        B, idx, T = len(self.tok), [], 0
+        while (self.next_prompt + len(idx) < len(self.prompts) and self.S - B - (len(idx) + 1) * self.n >= 0
+               and len(idx) < len(self.free_groups)):
+            T_new = max(T, pad64(len(self.prompts[self.next_prompt + len(idx)])))
+            if idx and T_new * (len(idx) + 1) > self.prefill_tokens:
+                break
+            idx.append(self.next_prompt + len(idx))
+            T = T_new
+        return idx, T
+
+    def _prefill(self, idx: list[int], T: int) -> None:
+        """Prefill prompts idx, right-padded to T, each into a free group; sample their n first tokens from the one
+        prefill and append the k * n new rows at slots B.. (n per prompt, prompt-major)."""
+        dev, n, k, B = self.device, self.n, len(idx), len(self.tok)
+        self.next_prompt += k
+        groups = self.free_groups[:k]
+        del self.free_groups[:k]
+        for g in groups:
+            self.rows_left[g] = n
+        groups = torch.tensor(groups, dtype=torch.long, device=dev)
+        self.cache.group[B:B + k * n] = groups.repeat_interleave(n)
+        ids = torch.zeros(k, T, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(self.prompts[i])] = torch.tensor(self.prompts[i], dtype=torch.long)
+        lens = torch.tensor([len(self.prompts[i]) for i in idx], dtype=torch.long, device=dev)
+        h = self.model.hidden(ids.to(dev), cache=self.cache, groups=groups, seq_lens=lens)  # (k, T, hidden)
+        logits = self.model.lm_head(h[torch.arange(k, device=dev), lens - 1])  # last real position only: (k, V)
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_rows"] += k
+        self.stats["prefill_tokens"] += k * T
+        seq = (torch.tensor(idx, device=dev)[:, None] * n + torch.arange(n, device=dev)).flatten()  # (k, n) -> (k*n,)
+        n_gen = torch.zeros(k * n, dtype=torch.long, device=dev)
+        t, done, stopped = self.sample_and_record(logits.repeat_interleave(n, 0), seq, n_gen)
+        self.bar.update(k * n)
+        self.tok = torch.cat([self.tok, t])
+        self.pos = torch.cat([self.pos, lens.repeat_interleave(n)])
+        self.n_gen = torch.cat([self.n_gen, n_gen + 1])
+        self.seq = torch.cat([self.seq, seq])
+        if done.any():  # a first token was a stop token (or max_new_tokens is 1)
+            old = torch.zeros(B, dtype=torch.bool, device=dev)
+            self.retire(torch.cat([old, done]), torch.cat([old, stopped]))
+
+    def step(self) -> None:
+        """Decode one token for every active row: one model call, the `done.any()` check its only host sync."""
+        B = len(self.tok)
+        if self.graphs is not None:
+            logits = self.graphs(self.tok, self.pos)
+        else:
+            slots = torch.arange(B, device=self.device)
+            h = self.model.hidden(self.tok[:, None], positions=self.pos[:, None], cache=self.cache, slots=slots)
+            logits = self.model.lm_head(h[:, 0])  # (B, 1, hidden) -> (B, V)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += B
+        self.tok, done, stopped = self.sample_and_record(logits, self.seq, self.n_gen)
+        self.pos, self.n_gen = self.pos + 1, self.n_gen + 1
+        self.bar.update(B)
+        if done.any():
+            self.retire(done, stopped)
+
+    def sample_and_record(self, logits: torch.Tensor, seq: torch.Tensor, n_gen: torch.Tensor):
+        """Sample token number n_gen (B,) of sequences seq (B,) from logits (B, V) and write it to the outputs
+        -> tokens (B,), done (B,) (stop token or max_new_tokens reached), stopped (B,) (stop token)."""
+        u = self.uniforms[seq, n_gen] if self.uniforms is not None else None
+        t, lp = self.sample(logits, u, self.temperature, self.top_p)
+        self.out_tokens[seq, n_gen] = t
+        self.out_logprobs[seq, n_gen] = lp
+        stopped = torch.isin(t, self.stops) if len(self.stops) else torch.zeros_like(t, dtype=torch.bool)
+        return t, stopped | (n_gen + 1 >= self.max_new), stopped
+
+    def retire(self, done: torch.Tensor, stopped: torch.Tensor) -> None:
+        """Record the rows that finished (done (B,); stopped: on a stop token), free the groups whose last row that
+        was, and compact the survivors into slots 0..B'-1."""
+        d_seq, d_len = self.seq[done], self.n_gen[done]
+        self.out_len[d_seq] = d_len
+        self.out_stopped[d_seq] = stopped[done]
+        self.bar.update(int((self.max_new - d_len).sum()))  # the unused budget of rows that stopped early
+        done_l = done.tolist()
+        for g in self.cache.group[:len(done_l)][done].tolist():
+            self.rows_left[g] -= 1
+            if self.rows_left[g] == 0:
+                self.free_groups.append(g)
+        self._compact(done_l)
+
+    def _compact(self, done: list[bool]) -> None:
+        """Drop the done rows: the surviving rows with the highest slots move into the holes below the new batch size
+        (generated K/V and group index, one batched copy; the prompt segment never moves), so decode attention keeps
+        reading a plain prefix of the slots."""
+        B = len(done)
+        keep = B - sum(done)
+        holes = [i for i in range(keep) if done[i]]
+        movers = [i for i in range(keep, B) if not done[i]]
+        perm = list(range(keep))  # new row i <- old row perm[i]
+        for h, m in zip(holes, movers):
+            perm[h] = m
+        if movers:
+            src, dst = torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device)
+            P = int(self.n_gen[src].max()) - 1  # generated entries written: n_gen - 1
+            if P > 0:  # k, v (L, S, Tg, Hkv, D): copy slots src -> dst, first P generated positions
+                self.cache.k[:, dst, :P] = self.cache.k[:, src, :P]
+                self.cache.v[:, dst, :P] = self.cache.v[:, src, :P]
+            self.cache.group[dst] = self.cache.group[src]
+            self.stats["kv_moves"] += len(movers)
+        perm = torch.tensor(perm, dtype=torch.long, device=self.device)
+        self.tok, self.pos, self.n_gen, self.seq = self.tok[perm], self.pos[perm], self.n_gen[perm], self.seq[perm]
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.graphs is not None:
+            self.stats["graphs"], self.stats["pad_rows"] = len(self.graphs.graphs), self.graphs.pad_rows
+
+    def completions(self) -> list[Completion]:
+        """The outputs, prompt-major: one device -> host copy."""
+        tokens, logprobs = self.out_tokens.cpu(), self.out_logprobs.cpu()
+        n, lens, stopped = self.n, self.out_len.tolist(), self.out_stopped.tolist()
+        return [Completion(tokens[i, :L].tolist(), logprobs[i, :L].tolist(), i // n, i % n, s)
+                for i, (L, s) in enumerate(zip(lens, stopped))]

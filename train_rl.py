@@ -33,9 +33,10 @@ Facts this file implements:
   - the reference model (the frozen start model) exists only when --kl-coef > 0;
   - a non-finite loss or gradient norm skips the optimizer step; --max-bad-steps bad steps in a row stop the run;
     a checkpoint is never written from non-finite weights.
-Reference recipe (notes, section 4.2) = the defaults for a real model: n 5, 64 prompts per step, T 1.0, lr 1e-6
-constant, clip 0.2, k3 KL coefficient 0.001, entropy 0, token-mean, one optimizer step per rollout batch. A model
-under 100M parameters (the tiny CPU default) gets 16 prompts x n 8, lr 2e-4, no KL, 512 new tokens (`resolve_defaults`).
+The recipes (RECIPE; train_common.pick_recipe chooses the column): `paper` = the published recipe for a real model:
+n 5, 64 prompts per step, T 1.0, lr 1e-6 constant, clip 0.2, k3 KL coefficient 0.001, entropy 0, token-mean, one
+optimizer step per rollout batch, 3000 new tokens; `tiny` (the CPU default): 16 prompts x n 8, lr 5e-5, no KL, 512
+new tokens.
 """
 from __future__ import annotations
 
@@ -43,7 +44,6 @@ import argparse
 import gc
 import importlib
 import importlib.util
-import json
 import math
 import os
 import time
@@ -58,13 +58,21 @@ from tqdm import tqdm
 
 import data
 import reward
-from model import Transformer, encode_chat, load_tokenizer, stop_token_ids
+from model import encode_chat, load_tokenizer, stop_token_ids
 from sampler import Sampler, pad64
-from train_sft import (SHORT_SYSTEM, Log, autocast, build_model, embedded_sampler, epoch_row, eval_line, eval_puzzles,
-                       evaluate, init_distributed, load_checkpoint, load_rows, lr_at, messages, prepare_run_dir,
-                       publish_model, save_checkpoint, shard, sync_weights, tokenizer_source)
+from train_common import (Log, all_reduce, apply_recipe, autocast, build_model, check_resume, eval_line,
+                          eval_puzzles, evaluate, inference_copy, init_distributed, load_checkpoint, load_rows, local,
+                          lr_at, messages, model_card, pick_recipe, prepare_run_dir, publish_model, save_checkpoint,
+                          shard, sync_weights, system_turn, tokenizer_source, world_size)
 
-RL_STREAM = 1  # mixed into the embedded prompt seed: RL prompt i is not SFT example i of the same --seed
+# The recipes: flag -> (tiny, paper).
+RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 3000), "kl_coef": (0.0, 1e-3),
+          "micro_batch": (16, 2), "lr": (5e-5, 1e-6), "eval_every": (25, 100), "eval_puzzles": (20, 200),
+          "eval_max_new_tokens": (512, 3500), "save_every": (25, 100)}
+# The flags that define the run's prompts, samples and rewards: a resumed run must keep them.
+DATA_FLAGS = ("seed", "data", "split", "prompts_per_step", "n", "temperature", "max_new_tokens", "reward_mode",
+              "reward_fn")
+RL_STREAM = (1,)  # the key of the embedded prompt stream: RL prompt i is not SFT example i of the same --seed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -201,7 +209,7 @@ def generate_rollouts(infer, prompts, args, step: int, stop_ids) -> list[Rollout
 class Micro:
     """A right-padded micro-batch (every row starts at position 0, so positions are per row by construction). The
     per-token tensors (K,) follow the row-major order of `sel`, the positions whose next token is a completion token
-    (plus filler positions with seq_len 0, see `collate`)."""
+    (plus filler positions with seq_len 0, see `pad_rollouts`)."""
     x: torch.Tensor           # (B, T) token ids
     sel: torch.Tensor         # (B, T) bool
     targets: torch.Tensor     # (K,) the token each selected position predicts
@@ -213,8 +221,8 @@ class Micro:
     ref: torch.Tensor | None = None
 
 
-def collate(rows: list[Rollout], device, dummy: bool = False) -> Micro:
-    """T and K (selected positions) are rounded up to multiples of 64 with `pad64`, as train_sft.collate: on CPU
+def pad_rollouts(rows: list[Rollout], device, dummy: bool = False) -> Micro:
+    """T and K (selected positions) are rounded up to multiples of 64 with `pad64`, as train_sft.pack: on CPU
     oneDNN caches a kernel per matmul shape. The extra positions get seq_len 0 and so weight 0 in the loss.
     `dummy`: an all-filler micro-batch for a rank with fewer micro-batches than another (FSDP2 needs every rank to
     run the same forwards and backwards)."""
@@ -248,19 +256,6 @@ def micro_logprobs(model, m: Micro, args):
     with amp(m.x.device, args.precision):
         logits = model(m.x, logits_at=m.sel)  # lm_head only at the selected positions
     return token_logprobs_and_entropy(logits, m.targets, args.temperature, args.logprob_chunk)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Distributed bookkeeping (a no-op without a process group, so the step also runs in a plain test process)
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def all_reduce(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, getattr(dist.ReduceOp, op))
-    return t
 
 
 def finite(x: float) -> float | None:
@@ -319,6 +314,26 @@ def minibatch_backward(model, micros: list[Micro], args, n_tokens: float, n_seqs
     return total
 
 
+def minibatches(kept: list[Rollout], args, device) -> tuple[list[list[Micro]], list[float], list[float]]:
+    """Mini-batch m = the groups g with g % M == m (the same split for any rank count), in micro-batches of similar
+    lengths; every rank gets as many micro-batches as the busiest (all-filler ones). -> (minis, completion tokens and
+    sequences of each *global* mini-batch: the loss normalisers)."""
+    M = args.mini_batches
+    minis = []
+    for m in range(M):
+        rows = sorted((r for r in kept if r.group % M == m), key=lambda r: len(r.prompt) + len(r.tokens))
+        minis.append([pad_rollouts(rows[j:j + args.micro_batch], device) for j in range(0, len(rows), args.micro_batch)])
+    n_micro = all_reduce(torch.tensor([len(x) for x in minis], device=device), "MAX").tolist()
+    dummy = Rollout(-1, [0], [0], [0.0], False)
+    for x, k in zip(minis, n_micro):
+        x += [pad_rollouts([dummy], device, dummy=True) for _ in range(k - len(x))]
+    counts = all_reduce(torch.tensor([[sum(float((m.seq_len > 0).sum()) for m in x) for x in minis],
+                                      [sum(r.group % M == m for r in kept) for m in range(M)]],
+                                     dtype=torch.float64, device=device))
+    tokens, seqs = counts.tolist()
+    return minis, tokens, seqs
+
+
 def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, stop_ids) -> tuple[dict, list[Rollout]]:
     """One GRPO step on this rank's `prompts` [(global index, prompt ids, payload)]; reward_fn(payload, tokens) ->
     float. Every rank must call it (collectives). Returns (the step's metrics, reduced over ranks; this rank's
@@ -339,21 +354,8 @@ def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, sto
     kept = [r for r in rollouts if r.group not in drop]
     t_roll = time.time() - t0
 
-    # mini-batch m = groups g with g % M == m (the same split for any rank count), micro-batches of similar lengths
     M = args.mini_batches
-    minis = []
-    for m in range(M):
-        rows = sorted((r for r in kept if r.group % M == m), key=lambda r: len(r.prompt) + len(r.tokens))
-        minis.append([collate(rows[j:j + args.micro_batch], device) for j in range(0, len(rows), args.micro_batch)])
-    n_micro = all_reduce(torch.tensor([len(x) for x in minis], device=device), "MAX").tolist()
-    dummy = Rollout(-1, [0], [0], [0.0], False)
-    for x, k in zip(minis, n_micro):
-        x += [collate([dummy], device, dummy=True) for _ in range(k - len(x))]
-    # the normalisers: completion tokens and sequences of each global mini-batch
-    counts = all_reduce(torch.tensor([[sum(float((m.seq_len > 0).sum()) for m in x) for x in minis],
-                                      [sum(r.group % M == m for r in kept) for m in range(M)]],
-                                     dtype=torch.float64, device=device))
-    tokens, seqs = counts.tolist()
+    minis, tokens, seqs = minibatches(kept, args, device)
 
     if args.ppo_epochs * M > 1 or ref is not None:  # pi_old before any update, and the reference model's log-probs
         with torch.no_grad():
@@ -419,27 +421,13 @@ def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, sto
 # ----------------------------------------------------------------------------------------------------------------------
 # Data, rewards, the run
 
-class Prompts:
-    """RL prompt i of the run, a pure function of (seed, i): "embedded" -> a fresh augmented puzzle of the embedded
-    PBMC train cells; else the `split` rows of a CellPuzzles file / folder / hub id in a seeded per-epoch order,
-    epochs wrapping forever (a run resumed at an epoch boundary trains on)."""
-
-    def __init__(self, source: str, seed: int, split: str = "train", skip_bad: bool = False):
-        self.seed = seed
-        if source == "embedded":
-            self.sampler, self.n_range = embedded_sampler(data.embedded())
-            self.rows = None
-        else:
-            self.rows = load_rows(source, split, skip_bad)
-
-    def __len__(self):
-        return len(self.rows) if self.rows is not None else 0  # 0: endless
-
-    def __getitem__(self, i: int) -> data.Puzzle:
-        if self.rows is not None:
-            return epoch_row(self.rows, self.seed, i)
-        rng = np.random.default_rng([self.seed, RL_STREAM, i])
-        return self.sampler.sample(int(rng.integers(self.n_range[0], self.n_range[1] + 1)), rng)
+def prompts(args) -> data.PuzzleStream:
+    """RL prompt i of the run, a pure function of (seed, i): embedded -> a fresh augmented puzzle of the PBMC train
+    cells; else the `--split` rows of a CellPuzzles file / folder / hub id in a seeded per-epoch order, epochs
+    wrapping forever (a run resumed at an epoch boundary trains on)."""
+    if args.data == "embedded":
+        return data.PuzzleStream(args.seed, cells=data.embedded(), key=RL_STREAM)
+    return data.PuzzleStream(args.seed, rows=load_rows(args.data, args.split, args.skip_bad))
 
 
 def load_reward_fn(spec: str):
@@ -461,18 +449,6 @@ def puzzle_reward(tok, mode: str, custom=None):
     return lambda p, tokens: score(p, tok.decode(tokens, skip_special_tokens=True))
 
 
-def sft_system(model: str) -> str:
-    """The system turn a model was trained with, read from its run's checkpoint/meta.json (train_sft.py and this
-    file record their args there; runs/x/model -> runs/x/checkpoint/meta.json), else "released"."""
-    if not os.path.isdir(model):
-        return "released"
-    up = os.path.dirname(os.path.abspath(model.rstrip("/")))
-    for meta in (os.path.join(up, "checkpoint", "meta.json"), os.path.join(up, "meta.json")):
-        if os.path.exists(meta):
-            return json.load(open(meta)).get("args", {}).get("system") or "released"
-    return "released"
-
-
 def steps_list(s: str) -> set[int]:
     return {int(x) for x in s.split(",") if x.strip()}
 
@@ -482,22 +458,24 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--model", default="runs/sft/model", help="start model: a HF folder (e.g. an SFT run's model/), a hub id, "
       "or 'tiny' (random init)")
+    a("--recipe", default=None, choices=["tiny", "paper"], help="the column of defaults (RECIPE) for every flag left "
+      "unset: default the recipe in the model folder's cello.json, else tiny for --model tiny, else paper")
     a("--tokenizer", default=None, help="folder with tokenizer.json (default: the model's, or assets/ for tiny)")
     a("--data", default="embedded", help="'embedded' (fresh PBMC puzzles) or a CellPuzzles file / folder / hub id")
     a("--split", default="train", help="split of --data to draw prompts from")
     a("--skip-bad", action="store_true", help="skip malformed rows of --data instead of failing")
-    a("--system", default=None, choices=["released", "short"], help="system turn (default: the one the SFT run "
-      "recorded in its checkpoint/meta.json, else released)")
+    a("--system", default=None, choices=["released", "short"], help="system turn (default: the one recorded in the "
+      "model folder's cello.json, else released)")
     a("--eval-data", default=None, help="held-out puzzles (default: --data's test split / embedded)")
     a("--out", default="runs/rl", help="run folder: checkpoint/, model/, rl_log.jsonl")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--steps", type=int, default=None, help="RL steps (default: tiny 100, else --epochs over a file dataset)")
+    a("--steps", type=int, default=None, help="RL steps (default: --epochs over a file dataset, 100 on the embedded data)")
     a("--epochs", type=float, default=20.0, help="epochs over a file dataset when --steps is not given (reference 20)")
-    a("--prompts-per-step", type=int, default=None, help="prompts per step, all ranks (default: tiny 16, else 64)")
-    a("--n", "--group-size", dest="n", type=int, default=None, help="samples per prompt, the GRPO group (default: "
-      "tiny 8, else 5). Under torchrun write --group-size: torchrun's parser takes a bare --n for its own options")
+    a("--prompts-per-step", type=int, default=None, help="prompts per step, all ranks")
+    a("--n", "--group-size", dest="n", type=int, default=None, help="samples per prompt, the GRPO group. Under "
+      "torchrun write --group-size: torchrun's parser takes a bare --n for its own options")
     a("--temperature", type=float, default=1.0, help="sampling temperature, also the trainer's log-prob temperature")
-    a("--max-new-tokens", type=int, default=None, help="rollout length cap (default: tiny 512, else 3000)")
+    a("--max-new-tokens", type=int, default=None, help="rollout length cap")
     a("--rollout-chunk", type=int, default=8, help="prompts per generate call, seeded by (seed, step, first prompt): "
       "samples are the same for any rank count whose per-rank share is a multiple of it")
     a("--reward-mode", default="mixed", choices=reward.MODES, help="mixed: (cell acc + exact) / 2 (released "
@@ -513,16 +491,15 @@ def parse_args(argv=None):
       "--max-new-tokens, Dr. GRPO)")
     a("--clip-low", type=float, default=0.2, help="ratio clip below: 1 - clip_low")
     a("--clip-high", type=float, default=0.2, help="ratio clip above: 1 + clip_high (DAPO clip-higher: > clip-low)")
-    a("--kl-coef", type=float, default=None, help="KL(pi||ref) weight in the loss; 0: no reference model at all "
-      "(default: tiny 0, else 0.001)")
+    a("--kl-coef", type=float, default=None, help="KL(pi||ref) weight in the loss; 0: no reference model at all")
     a("--kl-estimator", default="k3", choices=["k1", "k3"], help="per-token KL estimate (k3 = verl's low_var_kl)")
     a("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (reference 0)")
     a("--tis-cap", type=float, default=None, help="truncated importance sampling: weight each token's policy loss by "
       "min(pi_old / pi_sampler, cap); off by default")
     a("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
     a("--mini-batches", type=int, default=1, help="optimizer steps per pass (the rollout batch split by group)")
-    a("--micro-batch", type=int, default=None, help="sequences per forward per rank (default: tiny 16, else 2)")
-    a("--lr", type=float, default=None, help="learning rate (default: tiny 5e-5, else 1e-6)")
+    a("--micro-batch", type=int, default=None, help="sequences per forward per rank")
+    a("--lr", type=float, default=None, help="learning rate")
     a("--warmup", type=int, default=0, help="warmup steps")
     a("--schedule", default="constant", choices=["constant", "cosine", "linear"], help="lr after warmup")
     a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (cosine / linear)")
@@ -534,51 +511,95 @@ def parse_args(argv=None):
     a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     a("--max-bad-steps", type=int, default=3, help="stop after this many steps in a row with a non-finite loss/grad")
     a("--inject-nan", type=steps_list, default=set(), help="testing: comma list of 1-based steps whose loss is NaN")
-    a("--eval-every", type=int, default=None, help="evaluate every k steps and at the end; 0: end only "
-      "(default: tiny 25, else 100)")
+    a("--eval-every", type=int, default=None, help="evaluate every k steps and at the end; 0: end only")
     a("--eval-before", action="store_true", help="also evaluate the start model before the first step")
-    a("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N; default 20 / 200)")
-    a("--eval-max-new-tokens", type=int, default=None, help="evaluation decode budget (default: tiny 512, else 3500)")
+    a("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N)")
+    a("--eval-max-new-tokens", type=int, default=None, help="evaluation decode budget")
     a("--log-samples", type=int, default=3, help="completions (with rewards) logged at each evaluation")
-    a("--save-every", type=int, default=None, help="checkpoint every k steps and at the end (default: tiny 25, "
-      "else 100)")
+    a("--save-every", type=int, default=None, help="checkpoint every k steps and at the end")
     a("--seed", type=int, default=0, help="seed for prompts, data order and sampling")
     a("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return resolve_defaults(p.parse_args(argv))
 
 
-def resolve_defaults(args, tiny: bool):
-    """Fill the defaults left None: the tiny-model column (a model under 100M parameters, i.e. the CPU default) or
-    the reference recipe's."""
-    for k, t, real in [("prompts_per_step", 16, 64), ("n", 8, 5), ("max_new_tokens", 512, 3000), ("kl_coef", 0.0, 1e-3),
-                       ("micro_batch", 16, 2), ("lr", 5e-5, 1e-6), ("eval_every", 25, 100), ("eval_puzzles", 20, 200),
-                       ("eval_max_new_tokens", 512, 3500), ("save_every", 25, 100)]:
-        if getattr(args, k) is None:
-            setattr(args, k, t if tiny else real)
+def resolve_defaults(args):
+    """The recipe's defaults for every flag left unset (train_common.pick_recipe), the system turn from the model
+    folder's cello.json, and the checks no single flag can make."""
+    args.recipe = pick_recipe(args.model, args.recipe)
+    apply_recipe(args, RECIPE)
+    args.system = args.system or model_card(args.model).get("system") or "released"
     if args.temperature <= 0:
         raise SystemExit("--temperature must be > 0 (GRPO samples; evaluation is greedy)")
     return args
 
 
+def step_record(step: int, lr: float, rec: dict, rollouts: list[Rollout], stream, tok, device) -> dict:
+    """The step's log record: grpo_step's metrics plus the rollouts' task metrics (reward.metrics: micro-averaged
+    cell accuracy, exact match, format), reduced over ranks."""
+    texts = [tok.decode(r.tokens, skip_special_tokens=True) for r in rollouts]
+    gold = [stream[r.group].answer for r in rollouts]
+    m = reward.metrics(texts, gold, [len(r.tokens) for r in rollouts])
+    cells = sum(len(reward.split_items(a)) for a in gold)
+    t = all_reduce(torch.tensor([m["count"], m["cell_acc"] * cells, cells, m["batch_acc"] * m["count"],
+                                 m["format_rate"] * m["count"]], dtype=torch.float64, device=device)).tolist()
+    updates = rec.pop("updates")
+    rec = {"step": step + 1, "lr": lr, "cell_acc": t[1] / t[2], "batch_acc": t[3] / t[0], "format_rate": t[4] / t[0],
+           **rec, "sample": {"reward": rollouts[0].reward, "completion": texts[0]}}
+    if len(updates) > 1:
+        rec["updates"] = updates
+    return rec
+
+
+def step_line(rec: dict, steps: int) -> str:
+    kl = f"kl {rec['kl']:.4f} | " if rec["kl"] is not None else ""
+    return (f"step {rec['step']}/{steps} | reward {rec['reward_mean']:+.3f}±{rec['reward_std']:.2f} | cell "
+            f"{rec['cell_acc']:.3f} batch {rec['batch_acc']:.3f} fmt {rec['format_rate']:.2f} | {kl}clip "
+            f"{rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | len {rec['len_mean']:.0f}/{rec['len_max']} | "
+            f"gap {rec['gap_mean']:.1e}/{rec['gap_max'] or 0:.1e} | gnorm {rec['grad_norm']:.3f} | dropped "
+            f"{rec['groups_dropped']} | roll {rec['rollout_s']:.1f}s train {rec['train_s']:.1f}s"
+            + (f" | SKIPPED {rec['skipped']} non-finite update(s)" if rec["skipped"] else ""))
+
+
+def weights_finite(model, device) -> bool:
+    """All ranks agree: every local shard of every weight is finite."""
+    ok = float(all(local(p).isfinite().all() for p in model.parameters()))
+    return bool(all_reduce(torch.tensor([ok], device=device), "MIN").item())
+
+
+class Evaluator:
+    """Greedy decoding of the current weights on the held-out puzzles, logged with a few scored samples."""
+
+    def __init__(self, model, infer, tok, puzzles, args, log, score):
+        self.model, self.infer, self.tok, self.puzzles, self.args = model, infer, tok, puzzles, args
+        self.log, self.score, self.system = log, score, system_turn(args.system)
+
+    def __call__(self, step: int):
+        sync_weights(self.model, self.infer)
+        m, texts = evaluate(self.infer, self.tok, self.puzzles, self.args.eval_max_new_tokens, progress=False,
+                            system=self.system)
+        k = self.args.log_samples
+        pick = list(range(0, len(self.puzzles), max(1, len(self.puzzles) // max(k, 1))))[:k]
+        samples = [{"reward": self.score(self.puzzles[i], texts[i]), "answer": self.puzzles[i].answer,
+                    "completion": texts[i]} for i in pick]
+        self.log({"step": step, "eval": m, "samples": samples}, f"step {step} {eval_line(m)}" + "".join(
+            f"\n  reward {s['reward']:+.2f} | {s['completion'][:160]!r}" for s in samples))
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed()
-    tok_dir = tokenizer_source(args.model, args.tokenizer)
-    tok = load_tokenizer(tok_dir)
-    start = prepare_run_dir(args.out, args.resume, "rl_log.jsonl")
-    model, model_dir = build_model(args.model, tok, device, args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    resolve_defaults(args, tiny=n_params < 100e6)
-    args.system = args.system or sft_system(args.model)
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the ranks ({world})")
-    prompts = Prompts(args.data, args.seed, args.split, args.skip_bad)
-    steps = args.steps or (max(1, int(args.epochs * len(prompts)) // args.prompts_per_step) if len(prompts) else 100)
+    start = prepare_run_dir(args.out, args.resume, "rl_log.jsonl")
+    if start:
+        check_resume(args.out, args, DATA_FLAGS)
+    tok_dir = tokenizer_source(args.model, args.tokenizer)
+    tok = load_tokenizer(tok_dir)
+    stream = prompts(args)
+    steps = args.steps or (max(1, int(args.epochs * len(stream)) // args.prompts_per_step) if len(stream) else 100)
+    model, model_dir = build_model(args.model, tok, device, args.seed)
     model.grad_checkpointing = args.grad_checkpointing
-    with torch.device("meta"):  # the sampler's plain copy, filled by sync_weights before every generation
-        infer = Transformer(model.config)
-    infer = infer.to_empty(device=device).to(torch.bfloat16 if args.precision == "bf16" else torch.float32).eval()
-    infer.tie_weights()
+    infer = inference_copy(model.config, device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     ref = None
     if args.kl_coef > 0:  # the frozen start model; never built when the KL is off
         ref = shard(build_model(args.model, tok, device, args.seed)[0].requires_grad_(False), device).eval()
@@ -586,29 +607,21 @@ def main(argv=None):
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if start:
         load_checkpoint(args.out, model, optim)
-    eval_set = eval_puzzles(args.eval_data or ("embedded" if args.data == "embedded" else args.data),
-                            args.eval_puzzles, args.seed + 1)
-    system = SHORT_SYSTEM if args.system == "short" else None
     custom = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    reward_fn = puzzle_reward(tok, args.reward_mode, custom)
     score = custom or (lambda p, text: reward.score(text, p.answer, args.reward_mode))
+    reward_fn = puzzle_reward(tok, args.reward_mode, custom)
     stops = stop_token_ids(tok, model_dir)
     log = Log(os.path.join(args.out, "rl_log.jsonl"))
+    eval_set = eval_puzzles(args.eval_data or args.data, args.eval_puzzles, args.seed + 1)
+    run_eval = Evaluator(model, infer, tok, eval_set, args, log, score)
     per_rank = args.prompts_per_step // world
+    system = system_turn(args.system)
+    card = {"recipe": args.recipe, "system": args.system}
     if rank == 0:
-        print(f"GRPO: {n_params / 1e6:.1f}M params, {world} rank(s) on {device}, steps {start}->{steps}, "
-              f"{args.prompts_per_step} prompts x n={args.n}, T={args.temperature}, lr {args.lr:g}, "
-              f"kl {args.kl_coef:g}, system {args.system}, data {args.data}, eval {len(eval_set)} puzzles, "
-              f"out {args.out}")
-
-    def run_eval(step):
-        sync_weights(model, infer)
-        m, texts = evaluate(infer, tok, eval_set, args.eval_max_new_tokens, progress=False, system=system)
-        pick = list(range(0, len(eval_set), max(1, len(eval_set) // max(args.log_samples, 1))))[:args.log_samples]
-        samples = [{"reward": score(eval_set[i], texts[i]), "answer": eval_set[i].answer, "completion": texts[i]}
-                   for i in pick]
-        log({"step": step, "eval": m, "samples": samples}, f"step {step} {eval_line(m)}" + "".join(
-            f"\n  reward {s['reward']:+.2f} | {s['completion'][:160]!r}" for s in samples))
+        print(f"GRPO ({args.recipe} recipe): {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {world} "
+              f"rank(s) on {device}, steps {start}->{steps}, {args.prompts_per_step} prompts x n={args.n}, "
+              f"T={args.temperature}, lr {args.lr:g}, kl {args.kl_coef:g}, system {args.system}, data {args.data}, "
+              f"eval {len(eval_set)} puzzles, out {args.out}")
 
     if args.eval_before and start == 0:
         run_eval(0)
@@ -619,28 +632,11 @@ def main(argv=None):
         for g in optim.param_groups:
             g["lr"] = lr
         first = step * args.prompts_per_step + rank * per_rank  # this rank's contiguous share of the step's prompts
-        mine = [(i, encode_chat(tok, messages(prompts[i], system), True), prompts[i])
+        mine = [(i, encode_chat(tok, messages(stream[i], system), True), stream[i])
                 for i in range(first, first + per_rank)]
         rec, rollouts = grpo_step(model, infer, ref, optim, mine, reward_fn, args, step, stops)
-        # the rollouts' task metrics (reward.metrics: micro-averaged cell accuracy, exact match, format), all ranks
-        texts = [tok.decode(r.tokens, skip_special_tokens=True) for r in rollouts]
-        gold = [prompts[r.group].answer for r in rollouts]
-        m = reward.metrics(texts, gold, [len(r.tokens) for r in rollouts])
-        cells = sum(len(reward.split_items(a)) for a in gold)
-        t = all_reduce(torch.tensor([m["count"], m["cell_acc"] * cells, cells, m["batch_acc"] * m["count"],
-                                     m["format_rate"] * m["count"]], dtype=torch.float64, device=device)).tolist()
-        updates = rec.pop("updates")
-        rec = {"step": step + 1, "lr": lr, "cell_acc": t[1] / t[2], "batch_acc": t[3] / t[0],
-               "format_rate": t[4] / t[0], **rec, "sample": {"reward": rollouts[0].reward, "completion": texts[0]}}
-        if len(updates) > 1:
-            rec["updates"] = updates
-        kl = f"kl {rec['kl']:.4f} | " if rec["kl"] is not None else ""
-        log(rec, f"step {step + 1}/{steps} | reward {rec['reward_mean']:+.3f}±{rec['reward_std']:.2f} | cell "
-                 f"{rec['cell_acc']:.3f} batch {rec['batch_acc']:.3f} fmt {rec['format_rate']:.2f} | {kl}clip "
-                 f"{rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | len {rec['len_mean']:.0f}/{rec['len_max']} | "
-                 f"gap {rec['gap_mean']:.1e}/{rec['gap_max'] or 0:.1e} | gnorm {rec['grad_norm']:.3f} | dropped "
-                 f"{rec['groups_dropped']} | roll {rec['rollout_s']:.1f}s train {rec['train_s']:.1f}s"
-                 + (f" | SKIPPED {rec['skipped']} non-finite update(s)" if rec["skipped"] else ""))
+        rec = step_record(step, lr, rec, rollouts, stream, tok, device)
+        log(rec, step_line(rec, steps))
         bad = bad + 1 if rec["skipped"] else 0
         if bad >= args.max_bad_steps:
             failed = (f"stopping: {bad} steps in a row with a non-finite loss or gradient (last at step {step + 1}); "
@@ -650,25 +646,22 @@ def main(argv=None):
         if args.eval_every and (step + 1) % args.eval_every == 0 and not done:
             run_eval(step + 1)
         if (step + 1) % args.save_every == 0 or done:
-            local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # this rank's shards
-            if not all_reduce(torch.tensor([float(all(t.isfinite().all() for t in local))], device=device),
-                              "MIN").item():
+            if not weights_finite(model, device):
                 failed = f"stopping: non-finite weights after step {step + 1}; no checkpoint written"
                 break
             save_checkpoint(args.out, model, optim, {"step": step + 1, "args": {**vars(args), "inject_nan":
-                            sorted(args.inject_nan)}}, model_dir or tok_dir)
+                            sorted(args.inject_nan)}}, model_dir or tok_dir, card)
     bar.close()
     if failed is None and (start < steps or not os.path.exists(os.path.join(args.out, "model"))):
         run_eval(steps)
         if rank == 0:  # the final model, HF layout (loadable here and by transformers)
             publish_model(args.out)
     dist.barrier()
-    del model, optim, infer, ref  # free before destroy_process_group: a rank sometimes aborts at exit otherwise
+    del model, optim, infer, ref, run_eval  # free before destroy_process_group: a rank sometimes aborts otherwise
     gc.collect()
     dist.destroy_process_group()
     if failed:
         raise SystemExit(failed)
-
 
 if __name__ == "__main__":
     main()

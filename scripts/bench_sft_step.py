@@ -1,4 +1,4 @@
-"""One SFT training step on the embedded data, packed micro-batch (train_sft.collate) against the right-padded layout
+"""One SFT training step on the embedded data, packed micro-batch (train_sft.pack) against the right-padded layout
 it replaced, in one run: forward + backward time per step and padding share, side by side.
 
     python scripts/bench_sft_step.py                 # the tiny model, global batch 8, N = 3..8 (the default's 2nd half)
@@ -15,8 +15,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from model import load_tokenizer  # noqa: E402
 from sampler import pad64  # noqa: E402
-from train_sft import (SHORT_SYSTEM, Examples, autocast, build_model, collate, init_distributed, shard,  # noqa: E402
-                       tokenize, tokenizer_source)
+from train_common import SHORT_SYSTEM, autocast, build_model, init_distributed, shard, tokenizer_source  # noqa: E402
+from train_sft import pack, tokenize  # noqa: E402
+import data  # noqa: E402
 
 
 def padded(batch):
@@ -38,14 +39,16 @@ def main():
     _, _, device = init_distributed()
     tok = load_tokenizer(tokenizer_source("tiny", None))
     end = tok.token_to_id("<|im_end|>")
-    ex = Examples("embedded", 0, trace_order="fix", mix=0.5, ambient=0.5)
+    cells = data.embedded()
+    ex = data.PuzzleStream(0, cells=cells, mix=0.5, ambient=0.5, teacher=data.fit_embedded_teacher(cells))
     model, _ = build_model("tiny", tok, device, 0)
     shard(model, device)
-    batches = [[tokenize(tok, *ex[i], end, 4096, "bench", SHORT_SYSTEM) for i in range(s * args.batch, (s + 1) * args.batch)]
-               for s in range(args.steps + 3)]
+    puzzles = [ex[i] for i in range((args.steps + 3) * args.batch)]
+    batches = [[tokenize(tok, p, p.assistant, end, 4096, "bench", SHORT_SYSTEM) for p in puzzles[s:s + args.batch]]
+               for s in range(0, len(puzzles), args.batch)]
 
     def step_packed(batch):
-        x, y, sel, pos, lens = collate(batch, device)
+        x, y, sel, pos, lens = pack(batch, device)
         with autocast(device):
             logits = model(x, logits_at=sel, positions=pos, packed=lens)
         F.cross_entropy(logits.float(), y[sel], ignore_index=-100).backward()

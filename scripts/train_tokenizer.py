@@ -22,9 +22,10 @@ from model import QWEN_DEFAULT_SYSTEM  # noqa: E402
 
 
 def corpus(split: data.CellSplit, teacher: data.Teacher, n_puzzles: int, seed: int = 0) -> list[str]:
-    cpu = itertools.islice(data.train_stream(split, data.CPU, seed, teacher), n_puzzles)
-    wide = data.PuzzleConfig(n_genes=50, n_range=(8, 10), augment=True)
-    long = itertools.islice(data.train_stream(split, wide, seed + 1), n_puzzles // 5)
+    cpu, wide = data.PuzzleStream(seed, cells=split, teacher=teacher), data.PuzzleConfig(n_genes=50, n_range=(8, 10),
+                                                                                          augment=True)
+    long = data.PuzzleStream(seed + 1, cells=split, cfg=wide)
+    cpu, long = (cpu[i] for i in range(n_puzzles)), (long[i] for i in range(n_puzzles // 5))
     texts = []
     for p in itertools.chain(cpu, long):
         # the system message and ChatML roles are in every sequence: weight them as often as they occur

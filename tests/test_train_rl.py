@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,9 +15,9 @@ import torch
 
 import data
 from model import ModelConfig, Transformer, load_tokenizer
-from train_rl import (Rollout, aggregate, collate, generate_rollouts, group_advantages, grpo_step, kl_terms,
-                      micro_logprobs, parse_args, policy_loss, puzzle_reward, resolve_defaults, sft_system, tis_weights,
-                      token_logprobs_and_entropy, trim_at_stop)
+from train_rl import (Rollout, aggregate, generate_rollouts, group_advantages, grpo_step, kl_terms, micro_logprobs,
+                      pad_rollouts, parse_args, policy_loss, puzzle_reward, tis_weights, token_logprobs_and_entropy,
+                      trim_at_stop)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -35,8 +36,8 @@ def count_reward(target):
 
 
 def make_args(*flags, **over):
-    args = resolve_defaults(parse_args(["--precision", "fp32", "--kl-coef", "0", "--n", "4", "--max-new-tokens", "8",
-                                        "--temperature", "1.0", *flags]), tiny=True)
+    args = parse_args(["--recipe", "tiny", "--precision", "fp32", "--kl-coef", "0", "--n", "4", "--max-new-tokens", "8",
+                       "--temperature", "1.0", *flags])
     for k, v in over.items():
         setattr(args, k, v)
     return args
@@ -165,7 +166,7 @@ def test_every_stop_id_ends_a_completion():
         assert r.finished == (r.tokens[-1] in stops) and (r.finished or len(r.tokens) == 12)
         ends.add(r.tokens[-1])
     assert set(stops) <= ends
-    m = collate(outs, "cpu")  # the loss positions are exactly the completion tokens, stop token included
+    m = pad_rollouts(outs, "cpu")  # the loss positions are exactly the completion tokens, stop token included
     for b, r in enumerate(outs):
         assert m.targets[(m.row == b) & (m.seq_len > 0)].tolist() == r.tokens
     assert int((m.seq_len > 0).sum()) == sum(len(r.tokens) for r in outs) and m.sel.sum() % 64 == 0
@@ -179,10 +180,10 @@ def test_padding_changes_nothing():
     rows = [Rollout(0, p, [(3 * i + k) % 32 for k in range(1 + 2 * i)], [0.0] * (1 + 2 * i), False)
             for i, p in enumerate(PROMPTS)]
     with torch.no_grad():
-        m = collate(rows, "cpu")
+        m = pad_rollouts(rows, "cpu")
         lp, ent = micro_logprobs(model, m, args)
         for b, r in enumerate(rows):
-            alone = collate([r], "cpu")
+            alone = pad_rollouts([r], "cpu")
             lp1, ent1 = micro_logprobs(model, alone, args)
             v, v1 = (m.row == b) & (m.seq_len > 0), alone.seq_len > 0
             torch.testing.assert_close(lp[v], lp1[v1], atol=1e-5, rtol=0)
@@ -210,7 +211,7 @@ def test_on_policy_ratio_and_sampler_gap_at_temperature():
     assert rec["gap_mean"] < 1e-4 and rec["gap_max"] < 1e-3
     # scoring at T = 1 instead (the TRL / verl bug) would be far off
     r = outs[0]
-    m = collate([r], "cpu")
+    m = pad_rollouts([r], "cpu")
     with torch.no_grad():
         lp_t1 = token_logprobs_and_entropy(model(m.x, logits_at=m.sel), m.targets, 1.0)[0][m.seq_len > 0]
     assert (lp_t1 - torch.tensor(r.logprobs)).abs().mean() > 1e-2
@@ -243,7 +244,7 @@ def test_kl_gradient_pulls_toward_reference_and_entropy_bonus_raises_entropy():
         for p in ref.parameters():
             p.add_(0.3 * torch.randn_like(p))
     args = make_args(n=8)
-    m = collate(rollouts(model.eval(), args), "cpu")
+    m = pad_rollouts(rollouts(model.eval(), args), "cpu")
     v = m.seq_len > 0
 
     def kl_now():
@@ -303,12 +304,24 @@ def test_reward_mode_and_system_flags(tmp_path):
     tokens = tok.encode(text, add_special_tokens=False).ids + [tok.token_to_id("<|im_end|>")]
     assert puzzle_reward(tok, "mixed")(p, tokens) == pytest.approx(0.25)
     assert puzzle_reward(tok, "batch")(p, tokens) == 0.0
-    (tmp_path / "sft" / "model").mkdir(parents=True)
-    (tmp_path / "sft" / "checkpoint").mkdir()
-    (tmp_path / "sft" / "checkpoint" / "meta.json").write_text(json.dumps({"step": 3, "args": {"system": "short"}}))
-    assert sft_system(str(tmp_path / "sft" / "model")) == "short"
-    assert sft_system(str(tmp_path / "sft" / "checkpoint")) == "short"
-    assert sft_system(str(tmp_path)) == "released"
+
+
+
+def test_recipe_and_system_come_from_the_model_folder(tmp_path):
+    """The recipe rule: --recipe, else the model folder's cello.json, else tiny for 'tiny', else paper; the system
+    turn travels with the folder (a copy elsewhere keeps it); an explicit flag always wins."""
+    card = tmp_path / "sft" / "model"
+    card.mkdir(parents=True)
+    (card / "cello.json").write_text(json.dumps({"recipe": "tiny", "system": "short"}))
+    shutil.copytree(card, tmp_path / "moved")
+    for folder in (card, tmp_path / "moved"):
+        args = parse_args(["--model", str(folder)])
+        assert (args.recipe, args.system, args.prompts_per_step, args.n, args.lr) == ("tiny", "short", 16, 8, 5e-5)
+    args = parse_args(["--model", str(tmp_path)])  # no cello.json: a model we did not train
+    assert (args.recipe, args.system, args.prompts_per_step, args.n, args.kl_coef) == ("paper", "released", 64, 5, 1e-3)
+    assert parse_args(["--model", "tiny"]).recipe == "tiny"
+    args = parse_args(["--model", str(card), "--recipe", "paper", "--prompts-per-step", "3", "--system", "released"])
+    assert (args.recipe, args.system, args.prompts_per_step, args.n) == ("paper", "released", 3, 5)
 
 
 def test_rl_raises_reward():

@@ -11,7 +11,7 @@ import torch
 
 import data
 from model import Transformer, load_tokenizer
-from train_sft import collate, tokenize
+from train_sft import pack, tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -25,7 +25,7 @@ def test_loss_mask_is_exactly_the_completion_and_end():
     completion = "<think>x</think>\n<answer>CD14+ Monocyte | CD4+/CD45RO+ Memory</answer>"
     a = tokenize(tok, p, completion, end, 10_000, "a")
     b = tokenize(tok, p, "<think>y</think>\n<answer>B | A</answer>", end, 10_000, "b")
-    x, y, sel, pos, lens = collate([a, b], "cpu")
+    x, y, sel, pos, lens = pack([a, b], "cpu")
     na, nb = len(a[0]), len(b[0])
     assert lens[:2] == (na, nb) and sum(lens) == x.shape[1] and x.shape[1] % 64 == 0  # packed, then a filler
     assert x[0, :na].tolist() == a[0] and x[0, na:na + nb].tolist() == b[0]
@@ -72,11 +72,11 @@ def weights(out):
 
 OPTIMS = {"adamw": [], "muon": ["--optim", "muon", "--muon-lr", "2e-3"],
           # the weight average from step 1 on: its shadows must come back from the checkpoint exactly
-          "muon+ema": ["--optim", "muon", "--muon-lr", "2e-3", "--ema", "0.5", "--ema-start", "0.2"]}
+          "muon+ema": ["--optim", "muon", "--muon-lr", "2e-3", "--ema", "0.5"]}
 
 
 def test_two_ranks_equal_one_rank(tiny_dir, tmp_path):
-    ema = ["--ema", "0.5", "--ema-start", "0.25"]  # the published model is the average of steps 1..4 (sharded shadows)
+    ema = ["--ema", "0.5"]  # the published model is the average from step 2 (half the run) on (sharded shadows)
     run(sft_cmd(tiny_dir, tmp_path / "r1", nproc=1, extra=ema))
     run(sft_cmd(tiny_dir, tmp_path / "r2", nproc=2, extra=ema))
     r1 = [r for r in log(tmp_path / "r1") if "loss" in r]
@@ -142,7 +142,7 @@ def test_published_model_is_the_ema(tiny_dir, tmp_path):
     resuming a run with a different --ema is refused before anything is loaded."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     out = tmp_path / "r"
-    run(sft_cmd(tiny_dir, out, steps=4, extra=["--ema", "0.5", "--ema-start", "0.25"]))
+    run(sft_cmd(tiny_dir, out, steps=4, extra=["--ema", "0.5"]))
     dcp_to_torch_save(str(out / "checkpoint" / "state"), str(tmp_path / "state.pt"))
     state = torch.load(tmp_path / "state.pt")
     pub = weights(out)
@@ -154,8 +154,7 @@ def test_published_model_is_the_ema(tiny_dir, tmp_path):
     r = subprocess.run(sft_cmd(tiny_dir, out, steps=6, extra=["--resume"]), env=ENV, capture_output=True, text=True)
     assert r.returncode != 0 and "--ema" in r.stderr
     # a data flag changed on resume (here the N weights, uniform for a model folder) is refused the same way
-    r = subprocess.run(sft_cmd(tiny_dir, out, steps=6, extra=["--resume", "--ema", "0.5", "--ema-start", "0.25",
-                                                              "--n-weights", "linear"]),
+    r = subprocess.run(sft_cmd(tiny_dir, out, steps=6, extra=["--resume", "--ema", "0.5", "--n-weights", "linear"]),
                        env=ENV, capture_output=True, text=True)
     assert r.returncode != 0 and "resume it with --n-weights uniform" in r.stderr, r.stderr[-2000:]
 
@@ -172,47 +171,50 @@ def test_checkpoint_loads_in_transformers(tiny_dir, tmp_path):
     assert os.path.exists(tmp_path / "r" / "model" / "tokenizer.json")
 
 
+def sft_stream(**kw):
+    """The embedded SFT stream of seed 0 (data.PuzzleStream with teacher traces)."""
+    cells = data.embedded()
+    return data.PuzzleStream(0, cells=cells, teacher=data.fit_embedded_teacher(cells), **kw)
+
+
 def test_curriculum_grows_the_largest_n():
     """--curriculum: example i draws N from [3, 3 + ceil(5 i / ramp)], the full range 3..8 once i >= ramp; example i
     stays a pure function of (seed, i)."""
-    from train_sft import Examples
-    ex = Examples("embedded", seed=0, trace_order="cell", ramp=200)
-    early = [ex[i][0].n for i in range(1, 40)]
+    ex = sft_stream(trace_order="cell", ramp=200)
+    early = [ex[i].n for i in range(1, 40)]
     assert all(3 <= n <= 3 + -(-5 * i // 200) for i, n in enumerate(early, 1)) and max(early) == 4
-    late = [ex[i][0].n for i in range(200, 260)]
+    late = [ex[i].n for i in range(200, 260)]
     assert max(late) == 8 and min(late) == 3
-    assert ex[217][1] == Examples("embedded", seed=0, trace_order="cell", ramp=200)[217][1]
-    assert ex[217][1].startswith("<think>Cell 1: ") and " (" in ex[217][1].split("\n")[0]  # type-first by default
+    assert ex[217].assistant == sft_stream(trace_order="cell", ramp=200)[217].assistant
+    assert ex[217].assistant.startswith("<think>Cell 1: ") and " (" in ex[217].assistant.split("\n")[0]  # type first
 
 
 def test_easy_keep_thins_the_easy_puzzles_at_every_n():
     """--easy-keep 0: every example is hard (data.Teacher.hard), N is drawn as in the default stream, and examples
     stay a pure function of (seed, i)."""
-    from train_sft import Examples
-    base, hard = (Examples("embedded", seed=0, trace_order="fix", easy_keep=k) for k in (1.0, 0.0))
+    base, hard = (sft_stream(easy_keep=k) for k in (1.0, 0.0))
     base_ex = [base[i] for i in range(60)]
     hard_ex = [hard[i] for i in range(60)]
-    assert not all(base.teacher.hard(p) for p, _ in base_ex)
-    assert all(hard.teacher.hard(p) for p, _ in hard_ex)
+    assert not all(base.teacher.hard(p) for p in base_ex)
+    assert all(hard.teacher.hard(p) for p in hard_ex)
     # N is kept when an easy puzzle is thinned, so N matches the default stream's except after a rejected trace
     # (~5%); redrawn, N would skew to 7-8 and match about 1 time in 6
-    assert np.mean([p.n == q.n for (p, _), (q, _) in zip(hard_ex, base_ex)]) > 0.8
-    assert hard[77][1] == Examples("embedded", seed=0, trace_order="fix", easy_keep=0.0)[77][1]
+    assert np.mean([p.n == q.n for p, q in zip(hard_ex, base_ex)]) > 0.8
+    assert hard[77].assistant == sft_stream(easy_keep=0.0)[77].assistant
 
 
 def test_linear_n_weights_draw_n_in_proportion():
     """--n-weights linear: P(N) proportional to N in 3..8 (a rejected trace redraws N the same way, and large N is
     rejected more often, so the counts lean a little below that); examples stay a pure function of (seed, i)."""
-    from train_sft import Examples
-    lin, uni = (Examples("embedded", seed=0, trace_order="fix", n_weights=w) for w in ("linear", "uniform"))
-    counts = {w: np.bincount([ex[i][0].n for i in range(400)], minlength=9)[3:] for w, ex in (("l", lin), ("u", uni))}
+    lin, uni = (sft_stream(n_weights=w) for w in ("linear", "uniform"))
+    counts = {w: np.bincount([ex[i].n for i in range(400)], minlength=9)[3:] for w, ex in (("l", lin), ("u", uni))}
     # P(8) / P(3) is 8 / 3 for linear weights, 1 for uniform ones
     assert counts["l"][5] > 1.8 * counts["l"][0] and counts["u"][5] < 1.5 * counts["u"][0], counts
     assert (counts["l"] * np.arange(3, 9)).sum() > (counts["u"] * np.arange(3, 9)).sum() + 0.3 * 400, counts
-    assert lin[123][1] == Examples("embedded", seed=0, trace_order="fix", n_weights="linear")[123][1]
+    assert lin[123].assistant == sft_stream(n_weights="linear")[123].assistant
 
 
-@pytest.mark.parametrize("flag", ["--easy-keep", "--mix", "--ambient", "--shuffle"])
+@pytest.mark.parametrize("flag", ["--easy-keep", "--mix", "--ambient"])
 def test_probability_flags_outside_0_1_are_refused(flag, capsys):
     from train_sft import parse_args
     assert parse_args([flag, "0.25"]) is not None

@@ -1,0 +1,347 @@
+"""What both trainers share: the process group, FSDP2, the model and its inference copy, recipes, run folders,
+checkpoints, the log, the lr schedule, the prompt and greedy evaluation. train_sft.py and train_rl.py import this
+file and nothing of each other.
+
+Facts this file implements:
+  - one code path for 1 and N processes: plain `python` runs as a 1-rank process group (gloo on CPU, NCCL on GPU);
+  - FSDP2 shards each transformer block and the root; on GPU bf16 compute with fp32 master weights and fp32
+    gradient reduction, on CPU fp32 weights under bf16 autocast;
+  - generation (rollouts, evaluation) runs on a plain, unsharded copy of the model that `sync_weights` refills from
+    the trained weights before every use, so the sampler never sees stale weights;
+  - a run folder holds checkpoint/ (model/ in Hugging Face layout, state/ = sharded weights + optimizer, meta.json),
+    model/ (the published final model) and a JSONL log. Every folder is written under a temporary name and swapped
+    into place (`replace_dir`): a kill at any moment leaves the previous version or the new one, never half of one;
+  - a recipe is a named column of defaults (`tiny`: the 3.7M-parameter CPU model; `paper`: the published recipe for
+    a real model). Each trainer holds its table; `pick_recipe` is the one rule that chooses the column.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import reward
+from model import ModelConfig, Transformer, encode_chat, save_pretrained, stop_token_ids
+from sampler import Sampler
+
+# The CPU default: a 3.7M-parameter Qwen2 trained from scratch with the committed BPE tokenizer (assets/).
+TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=2048)
+RECIPES = ("tiny", "paper")
+CARD = "cello.json"  # written into every model folder we publish: the recipe and the system turn it was trained with
+
+# The tiny model's system turn: the released 138-token instruction is ~30% of every sequence, and a model trained
+# from scratch cannot read it anyway. Same layout, a one-line system turn.
+SHORT_SYSTEM = "Assign each cell a distinct candidate type. Answer as <think>...</think> then <answer>t1 | t2 | ...</answer>."
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Recipes
+
+def model_card(model: str) -> dict:
+    """The cello.json of a local model folder ({} for 'tiny', a hub id, or a folder we did not write)."""
+    path = os.path.join(model, CARD)
+    return json.load(open(path)) if os.path.isfile(path) else {}
+
+
+def pick_recipe(model: str, recipe: str | None) -> str:
+    """The recipe rule: --recipe when given; else the recipe recorded in the start model's cello.json (a model we
+    trained keeps its recipe into the next stage); else `tiny` for --model tiny; else `paper`."""
+    return recipe or model_card(model).get("recipe") or ("tiny" if model == "tiny" else "paper")
+
+
+def apply_recipe(args, table: dict[str, tuple]) -> None:
+    """Fill every flag left None from the recipe's column of `table` {flag: (tiny, paper)}: an explicit flag wins."""
+    col = RECIPES.index(args.recipe)
+    for k, values in table.items():
+        if getattr(args, k) is None:
+            setattr(args, k, values[col])
+
+
+def system_turn(name: str | None) -> str | None:
+    """--system short -> SHORT_SYSTEM; released (or None) -> None, i.e. the puzzle's own system_msg."""
+    return SHORT_SYSTEM if name == "short" else None
+
+
+def messages(p: data.Puzzle, system: str | None = None) -> list[dict]:
+    return [{"role": "system", "content": system or p.system}, {"role": "user", "content": p.user}]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed setup, FSDP2, the model
+
+def init_distributed():
+    """torchrun sets RANK/WORLD_SIZE; plain `python` runs as a 1-rank group, so there is a single code path.
+    NCCL on CUDA, gloo on CPU. Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:  # a free port for the 1-rank rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
+    """dist.all_reduce in place, a no-op without a process group (so a step also runs in a plain test process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, getattr(dist.ReduceOp, op))
+    return t
+
+
+def shard(model: Transformer, device) -> Transformer:
+    """FSDP2: one unit per block plus the root (embeddings, final norm, lm_head: a tied lm_head stays one Parameter
+    inside the root unit). On GPU, bf16 compute with fp32 master weights and fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
+    kw = dict(mp_policy=mp) if mp else {}
+    for block in model.model.layers:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def autocast(device):
+    """CPU: fp32 weights with bf16 autocast (bf16 matmul is ~4x fp32 on this class of CPU). GPU: FSDP2's policy."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" else nullcontext()
+
+
+def build_model(name: str, tokenizer, device, seed: int) -> tuple[Transformer, str | None]:
+    """`tiny` -> a from-scratch model sized for the CPU default; anything else -> a HF folder or hub id (fp32 master
+    weights for training). Returns (model on device, folder whose tokenizer files travel with checkpoints)."""
+    if name == "tiny":
+        torch.manual_seed(seed)
+        config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), **TINY)
+        return Transformer(config).init_weights().to(device), None
+    return Transformer.from_pretrained(name, device=device, dtype=torch.float32), name
+
+
+def tokenizer_source(model: str, tokenizer: str | None) -> str:
+    """The folder holding tokenizer.json: --tokenizer, else the model folder, else the committed tiny tokenizer."""
+    if tokenizer:
+        return tokenizer
+    return os.path.dirname(data.TOKENIZER_PATH) if model == "tiny" else model
+
+
+def inference_copy(config: ModelConfig, device, dtype) -> Transformer:
+    """The sampler's plain (unsharded) model, allocated empty: `sync_weights` fills it before each generation."""
+    with torch.device("meta"):
+        infer = Transformer(config)
+    infer = infer.to_empty(device=device).to(dtype).eval()
+    infer.tie_weights()
+    return infer
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def sync_weights(trained: Transformer, infer: Transformer, src: dict | None = None):
+    """Copy the current (sharded) weights, or `src` (name -> tensor sharded like them, e.g. an EMA's), into the
+    inference copy: one all-gather per tensor, every rank gets the full tensor."""
+    src = src if src is not None else dict(trained.named_parameters())
+    for name, p in infer.named_parameters():
+        t = src[name]
+        p.copy_(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def full_state_dict(model) -> dict:
+    """The unsharded state dict on rank 0 (CPU), empty elsewhere: for the Hugging Face checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run folders and checkpoints: <run>/checkpoint/{model/ (HF layout + cello.json), state/ (torch DCP), meta.json}
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Swap a complete folder `tmp` into `final`: the previous `final` is renamed away first and deleted last, so a
+    kill at any moment leaves the old or the new folder under `final` (or, between the renames, `final`.old)."""
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: str, obj) -> None:
+    """JSON written to path.tmp and renamed: never half-written."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(run_dir, model, optim, meta: dict, tokenizer_dir, card: dict, extra: dict | None = None,
+                    swap=None):
+    """All ranks write checkpoint.tmp (state/ = sharded weights, optimizer and `extra` {name: sharded tensors};
+    model/ = the HF model with `card` as cello.json, gathered on rank 0), then rank 0 swaps it into place.
+    `swap`: a callable that exchanges the weights with other values in place (an EMA's), called before and after
+    the HF model is gathered, so model/ holds those values."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final, tmp = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "checkpoint.tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    msd, osd = get_state_dict(model, optim)
+    dcp.save({"model": msd, "optim": osd, **(extra or {})}, checkpoint_id=os.path.join(tmp, "state"))
+    if swap:
+        swap()
+    hf = full_state_dict(model)  # on 1 rank its tensors can alias the weights: swap back only once they are written
+    if dist.get_rank() == 0:
+        save_pretrained(hf, model.config, os.path.join(tmp, "model"), tokenizer_dir)
+        write_json(os.path.join(tmp, "model", CARD), card)
+    del hf
+    if swap:
+        swap()
+    if dist.get_rank() == 0:
+        write_json(os.path.join(tmp, "meta.json"), meta)
+        replace_dir(tmp, final)
+    dist.barrier()
+
+
+def read_meta(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "checkpoint", "meta.json")) as f:
+        return json.load(f)
+
+
+def check_resume(run_dir: str, args, flags: tuple[str, ...]) -> None:
+    """Refuse to resume with other values of `flags` (those that define the run's data) than the checkpoint
+    recorded, naming the flag. Reads only meta.json: call it before anything is built."""
+    saved = read_meta(run_dir)["args"]
+    for k in flags:
+        was = saved.get(k)
+        if k in saved and was != getattr(args, k):
+            flag = "--" + k.replace("_", "-")
+            raise SystemExit(f"{run_dir} was trained with {flag} {was}, this run has {flag} {getattr(args, k)}: "
+                             f"resume it with {flag} {was}, or start a new run with another --out (the run would change mid-way)")
+
+
+def load_checkpoint(run_dir, model, optim, extra: dict | None = None) -> dict:
+    """Restore weights, optimizer state and `extra` {name: sharded tensors} in place; returns meta.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, optim)
+    state = {"model": msd, "optim": osd, **(extra or {})}  # loaded in place
+    dcp.load(state, checkpoint_id=os.path.join(run_dir, "checkpoint", "state"))
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return read_meta(run_dir)
+
+
+def publish_model(run_dir: str) -> None:
+    """<run>/model <- the last checkpoint's HF model (for the next stage and transformers). Rank 0 only."""
+    final = os.path.join(run_dir, "model")
+    shutil.rmtree(final + ".tmp", ignore_errors=True)
+    shutil.copytree(os.path.join(run_dir, "checkpoint", "model"), final + ".tmp")
+    replace_dir(final + ".tmp", final)
+
+
+def prepare_run_dir(run_dir: str, resume: bool, log_name: str) -> int:
+    """Refuse to overwrite a run unless resuming; on resume drop log lines past the checkpoint (they would be
+    repeated). Returns the step to resume from (0 for a fresh run). Rank 0 only touches files."""
+    ckpt = os.path.join(run_dir, "checkpoint", "meta.json")
+    step = 0
+    if os.path.exists(ckpt):
+        if not resume:
+            raise SystemExit(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or another --out")
+        step = read_meta(run_dir)["step"]
+    log = os.path.join(run_dir, log_name)
+    if dist.get_rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        if os.path.exists(log):
+            lines = [ln for ln in open(log) if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            with open(log, "w") as f:
+                f.writelines(lines)
+    return step
+
+
+class Log:
+    """One console line per step (through tqdm) and a JSONL file for machines; rank 0 only."""
+
+    def __init__(self, path: str):
+        self.path = path if dist.get_rank() == 0 else None
+
+    def __call__(self, record: dict, console: str | None = None):
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if console:
+            tqdm.write(console)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine / linear decay to lr * min_ratio, or constant."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    t = (step - warmup) / max(1, total - warmup)
+    decay = 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else 1 - t
+    return lr * (min_ratio + (1 - min_ratio) * decay)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data and evaluation
+
+def load_rows(source: str, split: str, skip_bad: bool) -> list[data.Puzzle]:
+    rows, skipped = data.load_puzzles(source, split, skip_bad=skip_bad)
+    if skipped:
+        print(f"skipped {skipped} malformed rows of {source} ({split}) under --skip-bad")
+    return rows
+
+
+def eval_puzzles(source: str, limit: int, seed: int) -> list[data.Puzzle]:
+    """Held-out puzzles: embedded -> `limit` per N of test cells; a file / folder / hub id -> its test split."""
+    if source == "embedded":
+        return data.test_puzzles(data.embedded(), data.CPU, per_n=limit, seed=seed)
+    puzzles, _ = data.load_puzzles(source, "test")
+    return puzzles[:limit] if limit else puzzles
+
+
+@torch.no_grad()
+def evaluate(infer: Transformer, tok, puzzles, max_new_tokens: int, progress: bool,
+             system: str | None = None) -> tuple[dict, list[str]]:
+    """Greedy decoding: each rank decodes its share, the texts are gathered and scored (reward.metrics). Returns
+    (metrics, completions) on every rank."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(range(rank, len(puzzles), world))
+    outs = Sampler(infer).generate([encode_chat(tok, messages(puzzles[i], system), True) for i in mine], n=1,
+                                   max_new_tokens=max_new_tokens, temperature=0.0,
+                                   stop_token_ids=stop_token_ids(tok), progress=progress)
+    mine = [(i, tok.decode(o.tokens, skip_special_tokens=True), len(o.tokens)) for i, o in zip(mine, outs)]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    rows = sorted(r for part in gathered for r in part)
+    texts = [t for _, t, _ in rows]
+    m = reward.metrics(texts, [puzzles[i].answer for i, _, _ in rows], [n for _, _, n in rows])
+    return m, texts
+
+
+def eval_line(m: dict) -> str:
+    per_n = " ".join(f"N{n}:{v['format_rate']:.2f}/{v['cell_acc']:.2f}/{v['batch_acc']:.2f}"
+                     for n, v in sorted(m["by_n"].items()))
+    return (f"eval | format {m['format_rate']:.3f} | cell {m['cell_acc']:.3f} | batch {m['batch_acc']:.3f} | "
+            f"len {m['mean_len']:.0f} | per N (format/cell/batch) {per_n}")
