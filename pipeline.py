@@ -59,15 +59,15 @@ def evaluate_model(model_dir: str, puzzles, max_new_tokens: int) -> dict:
 
 
 def decode_model(model_dir: str, puzzles, max_new_tokens: int) -> tuple[dict, list[str]]:
-    """Greedy decoding of a final model (bf16, our sampler) with the system turn it was trained with (its
+    """Greedy decoding of a final model (our sampler; bf16 where the CPU has it natively, else fp32) with the system turn it was trained with (its
     cello.json): (metrics, completions)."""
     import torch
 
     from model import Transformer, load_tokenizer
-    from train_common import evaluate, init_distributed, model_card, system_turn
+    from train_common import evaluate, infer_dtype, init_distributed, model_card, system_turn
     if not torch.distributed.is_initialized():
         init_distributed()  # a 1-rank group: evaluate() gathers over ranks
-    model = Transformer.from_pretrained(model_dir, "cpu", torch.bfloat16).eval()
+    model = Transformer.from_pretrained(model_dir, "cpu", infer_dtype(torch.device("cpu"))).eval()
     system = system_turn(model_card(model_dir).get("system"))
     return evaluate(model, load_tokenizer(model_dir), puzzles, max_new_tokens, True, system)
 

@@ -47,7 +47,6 @@ import importlib.util
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,9 +60,9 @@ import reward
 from model import encode_chat, load_tokenizer, stop_token_ids
 from sampler import Sampler, pad64
 from train_common import (Log, all_reduce, apply_recipe, autocast, build_model, check_resume, eval_line,
-                          eval_puzzles, evaluate, inference_copy, init_distributed, load_checkpoint, load_rows, local,
-                          lr_at, messages, model_card, pick_recipe, prepare_run_dir, publish_model, save_checkpoint,
-                          shard, sync_weights, system_turn, tokenizer_source, world_size)
+                          eval_puzzles, evaluate, infer_dtype, inference_copy, init_distributed, load_checkpoint,
+                          load_rows, local, lr_at, messages, model_card, pick_recipe, prepare_run_dir, publish_model,
+                          save_checkpoint, shard, sync_weights, system_turn, tokenizer_source, world_size)
 
 # The recipes: flag -> (tiny, paper).
 RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 3000), "kl_coef": (0.0, 1e-3),
@@ -247,13 +246,9 @@ def pad_rollouts(rows: list[Rollout], device, dummy: bool = False) -> Micro:
     return Micro(x.to(device), sel.to(device), *(t[sel].to(device) for t in (tgt, seq_len, adv, lp, row)))
 
 
-def amp(device, precision: str):
-    return autocast(device) if precision == "bf16" else nullcontext()
-
-
 def micro_logprobs(model, m: Micro, args):
     """Trainer log-probs and entropies (K,) of a micro-batch at the sampling temperature."""
-    with amp(m.x.device, args.precision):
+    with autocast(m.x.device, args.precision):
         logits = model(m.x, logits_at=m.sel)  # lm_head only at the selected positions
     return token_logprobs_and_entropy(logits, m.targets, args.temperature, args.logprob_chunk)
 
@@ -505,8 +500,9 @@ def parse_args(argv=None):
     a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (cosine / linear)")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (verl's actor default)")
     a("--clip", type=float, default=1.0, help="gradient clipping max norm")
-    a("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16: rollouts from a bf16 copy, CPU training "
-      "under bf16 autocast; fp32: both fp32 (on GPU FSDP2 still computes in bf16)")
+    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16: rollouts from a bf16 copy, CPU "
+      "training under bf16 autocast; fp32: both fp32 (on GPU FSDP2 still computes in bf16); auto: bf16 on GPU and "
+      "on a CPU with native bf16 (AMX, AVX512-BF16), else fp32")
     a("--logprob-chunk", type=int, default=512, help="rows per chunk of the trainer's fp32 log_softmax")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     a("--max-bad-steps", type=int, default=3, help="stop after this many steps in a row with a non-finite loss/grad")
@@ -599,7 +595,7 @@ def main(argv=None):
     steps = args.steps or (max(1, int(args.epochs * len(stream)) // args.prompts_per_step) if len(stream) else 100)
     model, model_dir = build_model(args.model, tok, device, args.seed)
     model.grad_checkpointing = args.grad_checkpointing
-    infer = inference_copy(model.config, device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    infer = inference_copy(model.config, device, infer_dtype(device, args.precision))
     ref = None
     if args.kl_coef > 0:  # the frozen start model; never built when the KL is off
         ref = shard(build_model(args.model, tok, device, args.seed)[0].requires_grad_(False), device).eval()

@@ -33,7 +33,7 @@ import data
 from model import Transformer, encode_chat, load_tokenizer
 from sampler import pad64
 from train_common import (Log, apply_recipe, autocast, build_model, check_resume, eval_line, eval_puzzles, evaluate,
-                          inference_copy, init_distributed, load_checkpoint, load_rows, local, lr_at, messages,
+                          infer_dtype, inference_copy, init_distributed, load_checkpoint, load_rows, local, lr_at, messages,
                           pick_recipe, prepare_run_dir, publish_model, save_checkpoint, shard,
                           sync_weights, system_turn, tokenizer_source)
 
@@ -269,6 +269,8 @@ def parse_args(argv=None):
     a("--weight-decay", type=float, default=None, help="AdamW weight decay")
     a("--clip", type=float, default=1.0, help="gradient clipping max norm")
     a("--max-len", type=int, default=4096, help="longest training sequence in tokens (longer is an error)")
+    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="CPU: bf16 autocast over fp32 weights, or "
+      "fp32; auto: bf16 where the CPU has native bf16 (AMX, AVX512-BF16), else fp32. GPU: always bf16 (FSDP2)")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     a("--eval-every", type=int, default=None, help="evaluate every k steps (and at the end); 0: end only")
     a("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N)")
@@ -296,7 +298,7 @@ def train_step(model, optim, batch, args, device) -> dict:
     n_tok = counts[0].float()
     loss_sum = torch.zeros((), device=device)
     for x, y, sel, pos, lens in micro:
-        with autocast(device):
+        with autocast(device, args.precision):
             logits = model(x, logits_at=sel, positions=pos, packed=lens)  # (selected positions, vocab)
         loss = F.cross_entropy(logits.float(), y[sel], ignore_index=-100, reduction="sum")
         (loss * world / n_tok).backward()  # FSDP2 averages gradients over ranks; x world makes it sum / global count
@@ -328,7 +330,7 @@ def main(argv=None):
     stream.ramp = int(args.curriculum * steps * args.batch_size)
     model, model_dir = build_model(args.model, tok, device, args.seed)
     model.grad_checkpointing = args.grad_checkpointing
-    infer = inference_copy(model.config, device, torch.bfloat16)
+    infer = inference_copy(model.config, device, infer_dtype(device, args.precision))
     shard(model, device)
     optim = make_optimizer(model, args.optim, args.lr, args.weight_decay, args.muon_lr)
     ema = EMA(model, args.ema, int(EMA_START * steps)) if args.ema else None
