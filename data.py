@@ -1,5 +1,5 @@
 """CellPuzzles data: load the released rows, build new puzzles from a labelled expression matrix, teacher traces,
-and the small tokenizer of the CPU model. Reference: /work/shared/reference/cell-o1.md, section 1.
+and the small tokenizer of the CPU model. The released format is that of the Cell-o1 release (HF `ncbi/CellPuzzles`).
 
 A puzzle (released format, HF `ncbi/CellPuzzles`, splits train / test / reasoning) is a row of three strings:
   system_msg     the fixed instruction SYSTEM_MSG (the "N" in it is literally the letter N);
@@ -148,6 +148,8 @@ def parse_row(row: dict, split: str = "test") -> Puzzle:
     missing = [g for g in gold if g not in cands]
     if missing:
         raise ValueError(f"gold types not among the candidates: {missing}")
+    if len(set(gold)) != len(gold):  # the reward would score every answer -1: a puzzle is a one-to-one assignment
+        raise ValueError(f"the answer repeats a type: {sorted(g for g in set(gold) if gold.count(g) > 1)}")
     return Puzzle(row["system_msg"], row["user_msg"], row["assistant_msg"], context, cells, cands, gold)
 
 

@@ -392,11 +392,15 @@ def save_pretrained(state_dict: dict, config: ModelConfig, out_dir: str, tokeniz
     """Write a Hugging Face Qwen2 checkpoint: config.json, model.safetensors (or shards + index), tokenizer files.
 
     Written into `<out_dir>.tmp` and renamed into place, so an interrupted save never leaves a broken `out_dir`.
-    A tied lm_head is not written (transformers re-ties it from `tie_word_embeddings`).
+    A tied lm_head is not written (transformers re-ties it from `tie_word_embeddings`). Tensors are saved in the
+    dtype config.json names (the model's own), files readable by all (0644).
     """
     from safetensors.torch import save_file
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()
-               if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    # the checkpoint's own dtype, as its config.json names it: fp32 master weights of a bf16 model are saved as bf16
+    named = config.extra.get("torch_dtype") or config.extra.get("dtype")
+    cast = getattr(torch, named) if named in ("bfloat16", "float16", "float32") else None
+    tensors = {k: v.detach().to("cpu", cast if cast is not None and v.is_floating_point() else v.dtype).contiguous()
+               for k, v in state_dict.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     shards, size = [[]], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -411,7 +415,7 @@ def save_pretrained(state_dict: dict, config: ModelConfig, out_dir: str, tokeniz
     os.makedirs(tmp)
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({**config.to_dict(), "torch_dtype": dtype}, f, indent=2)
+        json.dump({**config.to_dict(), "torch_dtype": dtype, "dtype": dtype}, f, indent=2)  # both names, one value
     if len(shards) == 1:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     else:
@@ -426,6 +430,8 @@ def save_pretrained(state_dict: dict, config: ModelConfig, out_dir: str, tokeniz
     for name in TOKENIZER_FILES if tokenizer_dir else []:
         if os.path.exists(os.path.join(tokenizer_dir, name)):
             shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+    for name in os.listdir(tmp):  # safetensors writes 0600; a model folder is for others to read too
+        os.chmod(os.path.join(tmp, name), 0o644)
     old = out_dir + ".old"
     if os.path.exists(out_dir):
         shutil.rmtree(old, ignore_errors=True)

@@ -31,7 +31,7 @@ RL_DEFAULT = "--steps 50 --eval-every 10 --eval-puzzles 10 --eval-before"
 # Toy sizes for the pipeline test: every stage runs, each in seconds; the numbers mean nothing.
 TOY_SFT = "--steps 4 --batch-size 4 --micro-batch 4 --eval-every 0 --eval-puzzles 1 --eval-max-new-tokens 8 --save-every 2"
 TOY_RL = ("--steps 2 --prompts-per-step 2 --group-size 2 --max-new-tokens 8 --eval-every 0 --eval-puzzles 1 "
-          "--eval-max-new-tokens 8 --save-every 1")
+          "--eval-max-new-tokens 8 --save-every 1 --probe-puzzles 2")
 
 
 def run_stage(name: str, cmd: list[str]) -> None:

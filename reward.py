@@ -1,5 +1,5 @@
-"""CellPuzzles reward and evaluation metrics, as in the authors' `compute_score.py` and `scripts/eval.py`
-(reference notes: shared/reference/cell-o1.md, sections 2.2 and 3.2).
+"""CellPuzzles reward and evaluation metrics, as in the authors' `compute_score.py` and `scripts/eval.py` of the
+Cell-o1 release.
 
 A completion must be exactly `<think>...</think>\\n<answer>t1 | t2 | ... | tN</answer>`:
   1. each of the four tags occurs exactly once;
@@ -61,6 +61,16 @@ def parse(completion: str) -> list[str] | None:
 
 def n_correct(items: list[str], gold: list[str]) -> int:
     return sum(p.lower() == g.lower() for p, g in zip(items, gold))
+
+
+def failure(completion: str, answer: str) -> str | None:
+    """Why `score` gives -1: "format" (rules 1-3), "count" (not N items), "repeat" (a type named twice), or None."""
+    items = parse(completion)
+    if items is None:
+        return "format"
+    if len(items) != len(split_items(answer)):
+        return "count"
+    return "repeat" if len(set(items)) != len(items) else None
 
 
 def score(completion: str, answer: str, mode: str = "mixed") -> float:

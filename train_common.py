@@ -22,7 +22,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -42,7 +44,8 @@ CARD = "cello.json"  # written into every model folder we publish: the recipe an
 
 # The tiny model's system turn: the released 138-token instruction is ~30% of every sequence, and a model trained
 # from scratch cannot read it anyway. Same layout, a one-line system turn.
-SHORT_SYSTEM = "Assign each cell a distinct candidate type. Answer as <think>...</think> then <answer>t1 | t2 | ...</answer>."
+SHORT_SYSTEM = ("Assign each cell a distinct candidate type. Answer as <think>...</think> then "
+                "<answer>t1 | t2 | ...</answer>.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -88,6 +91,8 @@ def init_distributed():
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    else:
+        die_with_parent()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -96,6 +101,32 @@ def init_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def die_with_parent() -> None:
+    """A torchrun worker asks Linux for SIGKILL when its launcher dies: each worker runs in its own process group,
+    so a kill -9 of torchrun would otherwise leave the workers training on, writing the same run folder."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: nothing to ask for
+
+
+def guarded(main) -> None:
+    """Run a trainer's main with one error style: a known failure (bad path or file, bad value, full disk) prints
+    one sentence and exits 1, no traceback unless --debug; Ctrl-C says how to go on."""
+    debug = "--debug" in sys.argv
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: the same command with --resume goes on from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+    except (OSError, ValueError) as e:
+        if debug:
+            raise
+        print(f"error: {e} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 def world_size() -> int:
@@ -225,15 +256,53 @@ def save_checkpoint(run_dir, model, optim, meta: dict, tokenizer_dir, card: dict
     model/ = the HF model with `card` as cello.json, gathered on rank 0), then rank 0 swaps it into place.
     `swap`: a callable that exchanges the weights with other values in place (an EMA's), called before and after
     the HF model is gathered, so model/ holds those values."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     final, tmp = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "checkpoint.tmp")
+    msd, osd = get_state_dict(model, optim)
+    state = {"model": msd, "optim": osd, **(extra or {})}
+    check_free_space(run_dir, state, model)
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    msd, osd = get_state_dict(model, optim)
-    dcp.save({"model": msd, "optim": osd, **(extra or {})}, checkpoint_id=os.path.join(tmp, "state"))
+    try:
+        _write_checkpoint(tmp, state, model, meta, tokenizer_dir, card, swap)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays as it was
+        raise
+    if dist.get_rank() == 0:
+        replace_dir(tmp, final)
+    dist.barrier()
+
+
+def tensor_bytes(tree) -> int:
+    """Bytes of all tensors in a nested dict / list (this rank's shards of DTensors)."""
+    if isinstance(tree, torch.Tensor):
+        t = local(tree)
+        return t.numel() * t.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
+
+
+def check_free_space(run_dir: str, state: dict, model) -> None:
+    """Refuse, before writing anything, a checkpoint the disk cannot hold: this rank's state shards plus (on rank 0)
+    the gathered HF model, with 10% to spare. Every rank checks its own share; all refuse if one must."""
+    need = tensor_bytes(state) + (sum(p.numel() * 4 for p in model.parameters()) if dist.get_rank() == 0 else 0)
+    free = shutil.disk_usage(run_dir).free
+    short = torch.tensor([float(1.1 * need > free)], device=next(model.parameters()).device)
+    dist.all_reduce(short, dist.ReduceOp.MAX)
+    if short.item():
+        raise OSError(f"not enough free disk for a checkpoint in {run_dir}: about {1.1 * need / 2**30:.2f} GiB "
+                      f"needed, {free / 2**30:.2f} GiB free; free some space or use another --out (the last "
+                      f"checkpoint is intact: --resume continues from it)")
+
+
+def _write_checkpoint(tmp, state, model, meta, tokenizer_dir, card, swap) -> None:
+    import torch.distributed.checkpoint as dcp
+    dcp.save(state, checkpoint_id=os.path.join(tmp, "state"))
     if swap:
         swap()
     hf = full_state_dict(model)  # on 1 rank its tensors can alias the weights: swap back only once they are written
@@ -245,8 +314,6 @@ def save_checkpoint(run_dir, model, optim, meta: dict, tokenizer_dir, card: dict
         swap()
     if dist.get_rank() == 0:
         write_json(os.path.join(tmp, "meta.json"), meta)
-        replace_dir(tmp, final)
-    dist.barrier()
 
 
 def read_meta(run_dir: str) -> dict:
@@ -263,7 +330,8 @@ def check_resume(run_dir: str, args, flags: tuple[str, ...]) -> None:
         if k in saved and was != getattr(args, k):
             flag = "--" + k.replace("_", "-")
             raise SystemExit(f"{run_dir} was trained with {flag} {was}, this run has {flag} {getattr(args, k)}: "
-                             f"resume it with {flag} {was}, or start a new run with another --out (the run would change mid-way)")
+                             f"resume it with {flag} {was}, or start a new run with another --out (the run would "
+                             f"change mid-way)")
 
 
 def load_checkpoint(run_dir, model, optim, extra: dict | None = None) -> dict:
@@ -285,9 +353,37 @@ def publish_model(run_dir: str) -> None:
     replace_dir(final + ".tmp", final)
 
 
+_LOCK = None  # the open run-folder lock file: held for the life of the process, released by the OS when it dies
+
+
+def lock_run_dir(run_dir: str) -> None:
+    """Take <run>/.lock (rank 0, flock, held until the process ends); every rank refuses to go on, in one sentence,
+    when another live run holds it: two runs writing one folder would corrupt its checkpoint and log."""
+    global _LOCK
+    held = False
+    if dist.get_rank() == 0:
+        import fcntl
+        os.makedirs(run_dir, exist_ok=True)
+        _LOCK = open(os.path.join(run_dir, ".lock"), "a+")
+        try:
+            fcntl.flock(_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _LOCK.seek(0)
+            _LOCK.truncate()
+            _LOCK.write(f"{os.getpid()}\n")
+            _LOCK.flush()
+        except BlockingIOError:
+            held = True
+    flag = [held]
+    dist.broadcast_object_list(flag, src=0)
+    if flag[0]:
+        raise SystemExit(f"{run_dir} is in use by another running process (it holds {run_dir}/.lock): wait for it to "
+                         f"end or stop it, or use another --out")
+
+
 def prepare_run_dir(run_dir: str, resume: bool, log_name: str) -> int:
-    """Refuse to overwrite a run unless resuming; on resume drop log lines past the checkpoint (they would be
-    repeated). Returns the step to resume from (0 for a fresh run). Rank 0 only touches files."""
+    """Lock the run folder; refuse to overwrite a run unless resuming; on resume drop log lines past the checkpoint
+    (they would be repeated). Returns the step to resume from (0 for a fresh run). Rank 0 only touches files."""
+    lock_run_dir(run_dir)
     ckpt = os.path.join(run_dir, "checkpoint", "meta.json")
     step = 0
     if os.path.exists(ckpt):

@@ -59,9 +59,9 @@ import data
 import reward
 from model import encode_chat, load_tokenizer, stop_token_ids
 from sampler import Sampler, pad64
-from train_common import (Log, all_reduce, apply_recipe, autocast, build_model, check_resume, eval_line,
-                          eval_puzzles, evaluate, infer_dtype, inference_copy, init_distributed, load_checkpoint,
-                          load_rows, local, lr_at, messages, model_card, pick_recipe, prepare_run_dir, publish_model,
+from train_common import (Log, all_reduce, apply_recipe, autocast, build_model, check_resume, eval_line, eval_puzzles,
+                          evaluate, guarded, infer_dtype, inference_copy, init_distributed, load_checkpoint, load_rows,
+                          local, lr_at, messages, model_card, pick_recipe, prepare_run_dir, publish_model,
                           save_checkpoint, shard, sync_weights, system_turn, tokenizer_source, world_size)
 
 # The recipes: flag -> (tiny, paper).
@@ -69,8 +69,8 @@ RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 300
           "micro_batch": (16, 2), "lr": (5e-5, 1e-6), "eval_every": (25, 100), "eval_puzzles": (20, 200),
           "eval_max_new_tokens": (512, 3500), "save_every": (25, 100)}
 # The flags that define the run's prompts, samples and rewards: a resumed run must keep them.
-DATA_FLAGS = ("seed", "data", "split", "prompts_per_step", "n", "temperature", "max_new_tokens", "reward_mode",
-              "reward_fn")
+DATA_FLAGS = ("seed", "data", "split", "prompts", "prompts_per_step", "n", "temperature", "max_new_tokens",
+              "reward_mode", "reward_fn")
 RL_STREAM = (1,)  # the key of the embedded prompt stream: RL prompt i is not SFT example i of the same --seed
 
 
@@ -283,6 +283,26 @@ class Meter:
 # ----------------------------------------------------------------------------------------------------------------------
 # One GRPO step
 
+@torch.no_grad()
+def adam_update_ratio(optim: torch.optim.AdamW, device) -> float:
+    """||the last AdamW update|| / ||weights|| over all parameters and ranks, recomputed from the optimizer state
+    (lr * m_hat / (sqrt(v_hat) + eps), as torch applies it; weight decay's small share left out): how far one step
+    moves the model, with no copy of the weights."""
+    sq = torch.zeros(2, dtype=torch.float64, device=device)
+    for g in optim.param_groups:
+        (b1, b2), lr, eps = g["betas"], g["lr"], g["eps"]
+        for p in g["params"]:
+            st = optim.state.get(p)
+            if not st:
+                continue
+            t = float(st["step"])
+            m, v = local(st["exp_avg"]).double(), local(st["exp_avg_sq"]).double()
+            u = lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+            sq += torch.stack([u.pow(2).sum(), local(p).double().pow(2).sum()])
+    sq = all_reduce(sq).tolist()
+    return math.sqrt(sq[0] / max(sq[1], 1e-30))
+
+
 def minibatch_backward(model, micros: list[Micro], args, n_tokens: float, n_seqs: float, meter: Meter,
                        first_epoch: bool, poison: bool = False) -> float:
     """Forward + backward of every micro-batch of one mini-batch; returns this rank's share of the loss."""
@@ -317,7 +337,8 @@ def minibatches(kept: list[Rollout], args, device) -> tuple[list[list[Micro]], l
     minis = []
     for m in range(M):
         rows = sorted((r for r in kept if r.group % M == m), key=lambda r: len(r.prompt) + len(r.tokens))
-        minis.append([pad_rollouts(rows[j:j + args.micro_batch], device) for j in range(0, len(rows), args.micro_batch)])
+        k = args.micro_batch
+        minis.append([pad_rollouts(rows[j:j + k], device) for j in range(0, len(rows), k)])
     n_micro = all_reduce(torch.tensor([len(x) for x in minis], device=device), "MAX").tolist()
     dummy = Rollout(-1, [0], [0], [0.0], False)
     for x, k in zip(minis, n_micro):
@@ -378,7 +399,8 @@ def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, sto
             u = meter.reduce(device)
             total.add(**u)
             updates.append({"loss": loss, "grad_norm": gnorm, "skipped": not ok, "ratio_min": finite(u["ratio_min"]),
-                            "ratio_mean": u["ratio"] / max(u["tokens"], 1.0), "ratio_max": finite(u["ratio_max"])})
+                            "ratio_mean": u["ratio"] / max(u["tokens"], 1.0), "ratio_max": finite(u["ratio_max"]),
+                            "update_rel": adam_update_ratio(optim, device) if ok else 0.0})
     t_train = time.time() - t0 - t_roll
 
     s = total.v
@@ -405,6 +427,7 @@ def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, sto
            "gap_mean": s["gap"] / max(s["gap_tokens"], 1.0), "gap_max": finite(s["gap_max"]),
            "loss": sum(u["loss"] for u in done) / max(len(done), 1),
            "grad_norm": sum(u["grad_norm"] for u in done) / max(len(done), 1),
+           "update_rel": sum(u["update_rel"] for u in done) / max(len(done), 1),
            "updates": updates, "skipped": sum(u["skipped"] for u in updates),
            "rollout_s": maxs["rollout_s"], "train_s": t_train,
            "gen_tokens_per_s": sums["len"] / max(maxs["rollout_s"], 1e-9),
@@ -418,11 +441,16 @@ def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, sto
 
 def prompts(args) -> data.PuzzleStream:
     """RL prompt i of the run, a pure function of (seed, i): embedded -> a fresh augmented puzzle of the PBMC train
-    cells; else the `--split` rows of a CellPuzzles file / folder / hub id in a seeded per-epoch order, epochs
-    wrapping forever (a run resumed at an epoch boundary trains on)."""
-    if args.data == "embedded":
-        return data.PuzzleStream(args.seed, cells=data.embedded(), key=RL_STREAM)
-    return data.PuzzleStream(args.seed, rows=load_rows(args.data, args.split, args.skip_bad))
+    cells (--prompts hard: as the tiny SFT recipe's stream: pooled and ambient-mixed cells, N in proportion to N,
+    9 in 10 easy puzzles dropped); else the `--split` rows of a CellPuzzles file / folder / hub id in a seeded
+    per-epoch order, epochs wrapping forever (a run resumed at an epoch boundary trains on)."""
+    if args.data != "embedded":
+        return data.PuzzleStream(args.seed, rows=load_rows(args.data, args.split, args.skip_bad))
+    cells = data.embedded()
+    if args.prompts == "hard":  # new cells (pooled, ambient UMIs) in puzzles the per-cell argmax gets wrong
+        return data.PuzzleStream(args.seed, cells=cells, key=RL_STREAM, mix=0.5, ambient=0.5, n_weights="linear",
+                                 teacher=data.fit_embedded_teacher(cells), easy_keep=0.1)
+    return data.PuzzleStream(args.seed, cells=cells, key=RL_STREAM)
 
 
 def load_reward_fn(spec: str):
@@ -458,13 +486,16 @@ def parse_args(argv=None):
     a("--tokenizer", default=None, help="folder with tokenizer.json (default: the model's, or assets/ for tiny)")
     a("--data", default="embedded", help="'embedded' (fresh PBMC puzzles) or a CellPuzzles file / folder / hub id")
     a("--split", default="train", help="split of --data to draw prompts from")
+    a("--prompts", default="train", choices=["train", "hard"], help="embedded data: puzzles of train cells thinned "
+      "afresh (train), or new cells made by pooling and ambient UMIs in mostly hard puzzles, as the tiny SFT stream")
     a("--skip-bad", action="store_true", help="skip malformed rows of --data instead of failing")
     a("--system", default=None, choices=["released", "short"], help="system turn (default: the one recorded in the "
       "model folder's cello.json, else released)")
     a("--eval-data", default=None, help="held-out puzzles (default: --data's test split / embedded)")
     a("--out", default="runs/rl", help="run folder: checkpoint/, model/, rl_log.jsonl")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--steps", type=int, default=None, help="RL steps (default: --epochs over a file dataset, 100 on the embedded data)")
+    a("--steps", type=int, default=None, help="RL steps (default: --epochs over a file dataset, 100 on the "
+      "embedded data)")
     a("--epochs", type=float, default=20.0, help="epochs over a file dataset when --steps is not given (reference 20)")
     a("--prompts-per-step", type=int, default=None, help="prompts per step, all ranks")
     a("--n", "--group-size", dest="n", type=int, default=None, help="samples per prompt, the GRPO group. Under "
@@ -512,8 +543,11 @@ def parse_args(argv=None):
     a("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N)")
     a("--eval-max-new-tokens", type=int, default=None, help="evaluation decode budget")
     a("--log-samples", type=int, default=3, help="completions (with rewards) logged at each evaluation")
+    a("--probe-puzzles", type=int, default=12, help="at each evaluation, --group-size samples of this many held-out "
+      "puzzles and as many train prompts: sampled and best-of-n exact share, all-equal groups (0: off)")
     a("--save-every", type=int, default=None, help="checkpoint every k steps and at the end")
     a("--seed", type=int, default=0, help="seed for prompts, data order and sampling")
+    a("--debug", action="store_true", help="show the traceback of a known failure (bad path, file or value)")
     a("--no-progress", action="store_true", help="no progress bar")
     return resolve_defaults(p.parse_args(argv))
 
@@ -524,9 +558,23 @@ def resolve_defaults(args):
     args.recipe = pick_recipe(args.model, args.recipe)
     apply_recipe(args, RECIPE)
     args.system = args.system or model_card(args.model).get("system") or "released"
-    if args.temperature <= 0:
-        raise SystemExit("--temperature must be > 0 (GRPO samples; evaluation is greedy)")
+    checks = [(args.temperature > 0, "--temperature must be > 0 (GRPO samples; evaluation is greedy)"),
+              (args.n >= 2, f"--group-size {args.n}: a group needs at least 2 samples (advantages are relative)"),
+              (args.steps is None or args.steps >= 1, f"--steps {args.steps}: need at least 1"),
+              (min(args.prompts_per_step, args.micro_batch, args.rollout_chunk, args.ppo_epochs,
+                   args.mini_batches) >= 1, "--prompts-per-step, --micro-batch, --rollout-chunk, --ppo-epochs and "
+               "--mini-batches must be at least 1"),
+              (0 <= args.clip_low < 1 and args.clip_high >= 0, f"--clip-low {args.clip_low} / --clip-high "
+               f"{args.clip_high}: the ratio's clip range [1 - low, 1 + high] needs 0 <= low < 1 and high >= 0"),
+              (args.mini_batches <= args.prompts_per_step, f"--mini-batches {args.mini_batches} > --prompts-per-step "
+               f"{args.prompts_per_step}: a mini-batch is a set of whole groups")]
+    for ok, why in checks:
+        if not ok:
+            raise SystemExit(why)
     return args
+
+
+FAILURES = ("format", "count", "repeat")  # reward.failure's causes of a -1
 
 
 def step_record(step: int, lr: float, rec: dict, rollouts: list[Rollout], stream, tok, device) -> dict:
@@ -536,10 +584,14 @@ def step_record(step: int, lr: float, rec: dict, rollouts: list[Rollout], stream
     gold = [stream[r.group].answer for r in rollouts]
     m = reward.metrics(texts, gold, [len(r.tokens) for r in rollouts])
     cells = sum(len(reward.split_items(a)) for a in gold)
+    why = [reward.failure(t, a) for t, a in zip(texts, gold)]
     t = all_reduce(torch.tensor([m["count"], m["cell_acc"] * cells, cells, m["batch_acc"] * m["count"],
-                                 m["format_rate"] * m["count"]], dtype=torch.float64, device=device)).tolist()
+                                 m["format_rate"] * m["count"], *(why.count(k) for k in FAILURES)],
+                                dtype=torch.float64, device=device)).tolist()
     updates = rec.pop("updates")
     rec = {"step": step + 1, "lr": lr, "cell_acc": t[1] / t[2], "batch_acc": t[3] / t[0], "format_rate": t[4] / t[0],
+           **{f"minus1_{k}": x / t[0] for k, x in zip(FAILURES, t[5:])},  # shares of the -1 rewards' causes
+           "equal_frac": rec["groups_equal"] / max(rec["groups"], 1),
            **rec, "sample": {"reward": rollouts[0].reward, "completion": texts[0]}}
     if len(updates) > 1:
         rec["updates"] = updates
@@ -552,7 +604,9 @@ def step_line(rec: dict, steps: int) -> str:
             f"{rec['cell_acc']:.3f} batch {rec['batch_acc']:.3f} fmt {rec['format_rate']:.2f} | {kl}clip "
             f"{rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | len {rec['len_mean']:.0f}/{rec['len_max']} | "
             f"gap {rec['gap_mean']:.1e}/{rec['gap_max'] or 0:.1e} | gnorm {rec['grad_norm']:.3f} | dropped "
-            f"{rec['groups_dropped']} | roll {rec['rollout_s']:.1f}s train {rec['train_s']:.1f}s"
+            f"{rec['groups_dropped']} | equal {rec['equal_frac']:.2f} | -1 fmt/count/repeat "
+            f"{rec['minus1_format']:.2f}/{rec['minus1_count']:.2f}/{rec['minus1_repeat']:.2f} | update "
+            f"{rec['update_rel']:.1e} | roll {rec['rollout_s']:.1f}s train {rec['train_s']:.1f}s"
             + (f" | SKIPPED {rec['skipped']} non-finite update(s)" if rec["skipped"] else ""))
 
 
@@ -562,23 +616,56 @@ def weights_finite(model, device) -> bool:
     return bool(all_reduce(torch.tensor([ok], device=device), "MIN").item())
 
 
+PROBE_STEP = 10 ** 9  # the rollout seed's "step" for probes: never a training step's
+
+
+def probe(infer, puzzles: list, args, tok, stops, system) -> dict:
+    """--group-size samples at --temperature of each puzzle (each rank a contiguous share, seeded): the share of
+    sampled completions that are exact, of puzzles with at least one exact sample (best of n), and of groups whose
+    rewards are all equal (no GRPO gradient), reduced over ranks. On held-out puzzles this is the headroom GRPO can
+    turn into greedy accuracy; on train prompts, against held-out, it shows how much the policy has memorised."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per = -(-len(puzzles) // world)
+    mine = [(i, encode_chat(tok, messages(puzzles[i], system), True), puzzles[i])
+            for i in range(rank * per, min(len(puzzles), (rank + 1) * per))]
+    rollouts = generate_rollouts(infer, mine, args, PROBE_STEP, stops) if mine else []
+    exact, rewards = {}, {}
+    for r in rollouts:
+        text = tok.decode(r.tokens, skip_special_tokens=True)
+        exact.setdefault(r.group, []).append(reward.score(text, puzzles[r.group].answer, "batch") == 1.0)
+        rewards.setdefault(r.group, []).append(reward.score(text, puzzles[r.group].answer, args.reward_mode))
+    t = torch.tensor([len(exact), sum(sum(e) for e in exact.values()), sum(any(e) for e in exact.values()),
+                      sum(max(r) == min(r) for r in rewards.values())], dtype=torch.float64)
+    groups, hits, best, equal = all_reduce(t.to(next(infer.parameters()).device)).tolist()
+    return {"puzzles": int(groups), "sampled_exact": hits / max(groups * args.n, 1),
+            "best_of_n_exact": best / max(groups, 1), "equal_groups": equal / max(groups, 1)}
+
+
 class Evaluator:
     """Greedy decoding of the current weights on the held-out puzzles, logged with a few scored samples."""
 
-    def __init__(self, model, infer, tok, puzzles, args, log, score):
+    def __init__(self, model, infer, tok, puzzles, args, log, score, stream, stops):
         self.model, self.infer, self.tok, self.puzzles, self.args = model, infer, tok, puzzles, args
-        self.log, self.score, self.system = log, score, system_turn(args.system)
+        self.log, self.score, self.system, self.stops = log, score, system_turn(args.system), stops
+        # the probes: every k-th held-out puzzle (all N alike), and as many train prompts far past any step's
+        k = args.probe_puzzles
+        self.probes = {"heldout": puzzles[::max(1, len(puzzles) // k)][:k] if k else [],
+                       "train": [stream[PROBE_STEP + i] for i in range(k)]}
 
     def __call__(self, step: int):
         sync_weights(self.model, self.infer)
         m, texts = evaluate(self.infer, self.tok, self.puzzles, self.args.eval_max_new_tokens, progress=False,
                             system=self.system)
+        probes = {name: probe(self.infer, ps, self.args, self.tok, self.stops, self.system)
+                  for name, ps in self.probes.items() if ps}
         k = self.args.log_samples
         pick = list(range(0, len(self.puzzles), max(1, len(self.puzzles) // max(k, 1))))[:k]
         samples = [{"reward": self.score(self.puzzles[i], texts[i]), "answer": self.puzzles[i].answer,
                     "completion": texts[i]} for i in pick]
-        self.log({"step": step, "eval": m, "samples": samples}, f"step {step} {eval_line(m)}" + "".join(
-            f"\n  reward {s['reward']:+.2f} | {s['completion'][:160]!r}" for s in samples))
+        lines = "".join(f"\n  probe {name}: exact {p['sampled_exact']:.3f} sampled, {p['best_of_n_exact']:.3f} best "
+                        f"of {self.args.n}, {p['equal_groups']:.2f} of groups all-equal" for name, p in probes.items())
+        self.log({"step": step, "eval": m, "probe": probes, "samples": samples}, f"step {step} {eval_line(m)}" + lines
+                 + "".join(f"\n  reward {s['reward']:+.2f} | {s['completion'][:160]!r}" for s in samples))
 
 
 def main(argv=None):
@@ -609,7 +696,7 @@ def main(argv=None):
     stops = stop_token_ids(tok, model_dir)
     log = Log(os.path.join(args.out, "rl_log.jsonl"))
     eval_set = eval_puzzles(args.eval_data or args.data, args.eval_puzzles, args.seed + 1)
-    run_eval = Evaluator(model, infer, tok, eval_set, args, log, score)
+    run_eval = Evaluator(model, infer, tok, eval_set, args, log, score, stream, stops)
     per_rank = args.prompts_per_step // world
     system = system_turn(args.system)
     card = {"recipe": args.recipe, "system": args.system}
@@ -660,4 +747,4 @@ def main(argv=None):
         raise SystemExit(failed)
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -33,8 +33,8 @@ import data
 from model import Transformer, encode_chat, load_tokenizer
 from sampler import pad64
 from train_common import (Log, apply_recipe, autocast, build_model, check_resume, eval_line, eval_puzzles, evaluate,
-                          infer_dtype, inference_copy, init_distributed, load_checkpoint, load_rows, local, lr_at, messages,
-                          pick_recipe, prepare_run_dir, publish_model, save_checkpoint, shard,
+                          guarded, infer_dtype, inference_copy, init_distributed, load_checkpoint, load_rows, local,
+                          lr_at, messages, pick_recipe, prepare_run_dir, publish_model, save_checkpoint, shard,
                           sync_weights, system_turn, tokenizer_source)
 
 # The recipes: flag -> (tiny, paper). The tiny column was chosen by measurement (docs/experiments.md): small batches
@@ -277,6 +277,7 @@ def parse_args(argv=None):
     a("--eval-max-new-tokens", type=int, default=None, help="decode budget of the evaluation")
     a("--save-every", type=int, default=None, help="checkpoint every k steps (and at the end)")
     a("--seed", type=int, default=0, help="seed for init, data order and augmentation")
+    a("--debug", action="store_true", help="show the traceback of a known failure (bad path, file or value)")
     a("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     args.recipe = pick_recipe(args.model, args.recipe)
@@ -284,6 +285,10 @@ def parse_args(argv=None):
     for k in ("mix", "ambient", "easy_keep"):
         if not 0 <= getattr(args, k) <= 1:
             p.error(f"--{k.replace('_', '-')} is a probability: got {getattr(args, k)}, need 0..1")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps {args.steps}: need at least 1")
+    if not 1 <= args.micro_batch <= args.batch_size:
+        p.error(f"--micro-batch {args.micro_batch} must be 1..--batch-size ({args.batch_size})")
     return args
 
 
@@ -389,4 +394,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -62,7 +62,8 @@ def main():
     model, _ = build_model("tiny", tok, torch.device("cpu"), 0)
     print(f"native bf16 on this CPU (AMX / AVX512-BF16): {cpu_has_bf16()}; threads {torch.get_num_threads()}")
     sft = {p: sft_ms(model, batches, p == "bf16") for p in ("bf16", "fp32")}
-    roll = {p: rollout_tok_s(model, prompts, torch.bfloat16 if p == "bf16" else torch.float32) for p in ("bf16", "fp32")}
+    roll = {p: rollout_tok_s(model, prompts, getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[p]))
+            for p in ("bf16", "fp32")}
     print("| | bf16 | fp32 | fp32 / bf16 speed |\n|---|---|---|---|")
     print(f"| SFT step, ms | {sft['bf16']:.0f} | {sft['fp32']:.0f} | {sft['bf16'] / sft['fp32']:.2f}x |")
     print(f"| rollouts, tok/s | {roll['bf16']:.0f} | {roll['fp32']:.0f} | {roll['fp32'] / roll['bf16']:.2f}x |")

@@ -214,6 +214,7 @@ def bad_rows():
         "duplicate candidates": edit(user_msg=USER.replace("\ngamma cell", "\nbeta"),
                                      assistant_msg="beta | Zeta | beta | alpha"),
         "gold types not among the candidates": edit(assistant_msg="beta | Zeta | delta | alpha"),
+        "the answer repeats a type: ['beta']": edit(assistant_msg="beta | Zeta | beta | alpha"),
         "5 cells, 4 candidates": edit(user_msg=USER.replace("Cell 4: G4, G1, G2", "Cell 4: G4, G1, G2\nCell 5: G3")),
     }
 

@@ -130,6 +130,21 @@ def test_sharded_round_trip(tmp_path):
         assert torch.equal(again(x), ours(x))
 
 
+def test_save_keeps_the_checkpoint_dtype_and_is_readable(tmp_path):
+    """A bf16 checkpoint trained with fp32 master weights is saved back in bf16 (half the bytes, bit-exact: bf16 ->
+    fp32 -> bf16 is lossless), config.json names one dtype under both keys, and every file is mode 0644."""
+    from safetensors.torch import load_file
+    hf_model(CONFIGS["mha"], seed=4).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    ours = Transformer.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    ours.save_pretrained(tmp_path / "ours")
+    cfg = json.load(open(tmp_path / "ours" / "config.json"))
+    assert cfg["torch_dtype"] == cfg["dtype"] == "bfloat16"
+    mine, theirs = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(mine) <= set(theirs) and all(mine[k].dtype == torch.bfloat16 and torch.equal(mine[k], theirs[k])
+                                            for k in mine)
+    assert all(os.stat(tmp_path / "ours" / f).st_mode & 0o777 == 0o644 for f in os.listdir(tmp_path / "ours"))
+
+
 def test_save_replaces_existing_checkpoint(tmp_path):
     m = Transformer(ModelConfig(**CONFIGS["gqa2"])).init_weights()
     m.save_pretrained(tmp_path / "c")

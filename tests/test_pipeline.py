@@ -83,3 +83,26 @@ def test_toy_pipeline_killed_then_resumed(tmp_path):
     steps = [x["step"] for x in jsonl(out / "sft" / "sft_log.jsonl") if "loss" in x]
     assert steps == [1, 2, 3, 4]  # SFT resumed from its checkpoint: no step logged twice
     assert "== SFT" in r.stdout and "== GRPO" in r.stdout
+
+
+def test_ablation_runner_at_toy_size(tiny_dir, tmp_path):
+    """scripts/ablate_rl.py: every flag set x seed trains from the same SFT model and is scored on the same held-out
+    sets; the table has the SFT row and one row per set with its seeds; a second call retrains and rescores nothing."""
+    toy = ("--steps 2 --prompts-per-step 2 --group-size 2 --max-new-tokens 8 --eval-every 0 --eval-puzzles 1 "
+           "--eval-max-new-tokens 8 --save-every 1 --kl-coef 0 --micro-batch 2 --probe-puzzles 2 --system short")
+    c = [sys.executable, os.path.join(ROOT, "scripts", "ablate_rl.py"), "--sft", tiny_dir, "--out", str(tmp_path),
+         "--set", "base=", "--set", "batch=--reward-mode batch", "--seeds", "0", "1", "--rl-args", toy,
+         "--eval-sets", "2", "--per-n", "1", "--max-new-tokens", "8"]
+    run(c)
+    table = (tmp_path / "ablation.md").read_text()
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in table.splitlines() if ln.startswith("| ")}
+    assert rows["SFT (start)"].split(" | ")[1] == "1" and rows["base"].split(" | ")[1] == "2"
+    assert rows["batch"].split(" | ")[1] == "2"
+    assert all(len(ln.split(" | ")[4].split(" / ")) == 2 for name, ln in rows.items() if name != "flag set")
+    for name in ("base", "batch"):
+        for seed in (0, 1):
+            args = json.load(open(tmp_path / name / f"seed{seed}" / "checkpoint" / "meta.json"))["args"]
+            assert args["seed"] == seed and args["reward_mode"] == ("batch" if name == "batch" else "mixed")
+    stamp = (tmp_path / "base" / "seed0" / "model" / "config.json").stat().st_mtime
+    run(c)
+    assert (tmp_path / "base" / "seed0" / "model" / "config.json").stat().st_mtime == stamp

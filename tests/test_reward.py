@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from reward import format_table, metrics, parse, score
+from reward import failure, format_table, metrics, parse, score
 
 GOLD = "A | B | C"
 
@@ -158,6 +158,24 @@ def test_fuzz_matches_spec_oracle():
             assert got == oracle(resp, gold, mode), (resp, gold, mode)
             hits += got >= 0
     assert hits > 300  # the fuzz really reaches the scoring paths, not just -1
+
+
+def test_failure_names_the_cause_of_every_minus_one():
+    """failure() is None exactly when score() >= 0 (the fuzz of the oracle test), and names the rule by hand."""
+    assert failure(T("A | B | C"), GOLD) is None
+    assert failure("<answer>A | B | C</answer>", GOLD) == "format"
+    assert failure(T("A | B"), GOLD) == "count"
+    assert failure(T("A | A | C"), GOLD) == "repeat"
+    rng = random.Random(2)
+    kinds = set()
+    for _ in range(2000):
+        labels = " | ".join(rng.choices("ABCDa", k=rng.randint(1, 4)))
+        resp = T(labels) if rng.random() < 0.7 else rand_text(rng, 20)
+        gold = " | ".join(rng.sample("ABCD", rng.randint(1, 4)))
+        why = failure(resp, gold)
+        assert (why is None) == (oracle(resp, gold, "mixed") >= 0), (resp, gold, why)
+        kinds.add(why)
+    assert kinds == {None, "format", "count", "repeat"}
 
 
 def hostile():

@@ -15,9 +15,9 @@ import torch
 
 import data
 from model import ModelConfig, Transformer, load_tokenizer
-from train_rl import (Rollout, aggregate, generate_rollouts, group_advantages, grpo_step, kl_terms, micro_logprobs,
-                      pad_rollouts, parse_args, policy_loss, puzzle_reward, tis_weights, token_logprobs_and_entropy,
-                      trim_at_stop)
+from train_rl import (Rollout, adam_update_ratio, aggregate, generate_rollouts, group_advantages, grpo_step, kl_terms,
+                      micro_logprobs, pad_rollouts, parse_args, policy_loss, puzzle_reward, tis_weights,
+                      token_logprobs_and_entropy, trim_at_stop)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -324,6 +324,31 @@ def test_recipe_and_system_come_from_the_model_folder(tmp_path):
     assert (args.recipe, args.system, args.prompts_per_step, args.n) == ("paper", "released", 3, 5)
 
 
+def test_adam_update_ratio_is_the_weight_change():
+    """The update size logged each step, recomputed from AdamW's state, against the weights' real change (no weight
+    decay). Tolerance: the real change is a difference of fp32 weights, off by up to eps32 |w| per element, and
+    |w| / |dw| is about 1 / lr = 1e2 here: a relative error near 1e-5; rel 1e-4 leaves 8x."""
+    model = toy_model()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        model(torch.tensor([PROMPTS[2]])).float().logsumexp(-1).sum().backward()
+        optim.step()
+        optim.zero_grad()
+        change = sum((p.detach().double() - b.double()).pow(2).sum() for p, b in zip(model.parameters(), before))
+        size = sum(p.detach().double().pow(2).sum() for p in model.parameters())
+        assert adam_update_ratio(optim, "cpu") == pytest.approx(math.sqrt(change / size), rel=1e-4)
+
+
+@pytest.mark.parametrize("flags, why", [(["--group-size", "1"], "at least 2 samples"), (["--steps", "0"], "--steps 0"),
+                                        (["--clip-low", "1.5"], "clip range"), (["--clip-high", "-0.5"], "clip range"),
+                                        (["--mini-batches", "32"], "a mini-batch is a set of whole groups"),
+                                        (["--micro-batch", "0"], "must be at least 1")])
+def test_bad_flags_are_refused_in_one_sentence(flags, why):
+    with pytest.raises(SystemExit, match=why):
+        parse_args(["--recipe", "tiny", *flags])
+
+
 def test_rl_raises_reward():
     """Reward = share of generated tokens equal to 7 (chance 1/16); GRPO from a random 60k-parameter model."""
     cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -393,6 +418,12 @@ def test_two_ranks_equal_one_rank(tiny_dir, tmp_path):
         torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=0, msg=k)
     evals = [r for r in log(tmp_path / "r1") if "eval" in r]
     assert len(evals) == 1 and evals[0]["eval"]["count"] > 0 and len(evals[0]["samples"]) == 3
+    for name, p in evals[0]["probe"].items():  # held-out (the 6 eval puzzles) and 12 train prompts, 4 samples each
+        assert p["puzzles"] == {"heldout": 6, "train": 12}[name]
+        assert 0 <= p["sampled_exact"] <= p["best_of_n_exact"] <= 1 and 0 <= p["equal_groups"] <= 1
+    assert evals[0]["probe"] == [r for r in log(tmp_path / "r2") if "eval" in r][0]["probe"]  # 2 ranks, same samples
+    for r in r1:  # the -1 causes are shares of the step's rollouts; the update size is logged
+        assert 0 <= r["minus1_format"] + r["minus1_count"] + r["minus1_repeat"] <= 1 and r["update_rel"] > 0
     assert json.load(open(tmp_path / "r1" / "checkpoint" / "meta.json"))["args"]["system"] == "short"
 
 

@@ -2,8 +2,10 @@
 The runs are real (torchrun, gloo, FSDP2) on a 60k-parameter model for a few steps."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -223,6 +225,15 @@ def test_probability_flags_outside_0_1_are_refused(flag, capsys):
     assert f"{flag} is a probability" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, why", [(["--steps", "0"], "--steps 0"),
+                                        (["--micro-batch", "16"], "--micro-batch 16 must be 1..--batch-size (8)")])
+def test_bad_flags_are_refused_in_one_sentence(flags, why, capsys):
+    from train_sft import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+    assert why in capsys.readouterr().err
+
+
 def test_newton_schulz_is_close_to_the_polar_factor():
     """Against the SVD: U V^T of g, the orthogonal factor Muon's update approximates; singular values near 1."""
     from train_sft import newton_schulz
@@ -300,3 +311,143 @@ def test_muon_on_two_ranks_equals_one_rank(tmp_path):
     w1, w2 = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+def _save_with(tmp_path, monkeypatch, tiny_dir, patch):
+    """save_checkpoint twice in a 1-rank group, the second time under `patch`: -> (run folder, first weights)."""
+    import gc
+
+    import torch.distributed as dist
+
+    import train_common
+    if not dist.is_initialized():
+        train_common.init_distributed()
+    model = Transformer.from_pretrained(tiny_dir, dtype=torch.float32)
+    optim = torch.optim.AdamW(model.parameters())
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    train_common.save_checkpoint(run_dir, model, optim, {"step": 1}, tiny_dir, {"recipe": "paper"})
+    first = weights(os.path.join(run_dir, "checkpoint"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    patch(monkeypatch, train_common)
+    try:
+        with pytest.raises(OSError) as e:
+            train_common.save_checkpoint(run_dir, model, optim, {"step": 2}, tiny_dir, {"recipe": "paper"})
+    finally:
+        del model, optim
+        gc.collect()
+        dist.destroy_process_group()
+    return run_dir, first, str(e.value)
+
+
+@pytest.mark.parametrize("case", ["full before", "fails while writing"])
+def test_a_failed_save_leaves_the_last_checkpoint_and_no_tmp(tmp_path, monkeypatch, tiny_dir, case):
+    """A disk too small is refused before anything is written, in one sentence; a write that fails half-way
+    (ENOSPC from the HF save) removes checkpoint.tmp. Either way the previous checkpoint is intact."""
+    import errno
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+
+    def patch(mp, tc):
+        if case == "full before":
+            mp.setattr(tc.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+        else:
+            def enospc(*a, **k):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            mp.setattr(tc, "save_pretrained", enospc)
+    run_dir, first, msg = _save_with(tmp_path, monkeypatch, tiny_dir, patch)
+    assert ("not enough free disk" in msg) == (case == "full before")
+    assert sorted(os.listdir(run_dir)) == ["checkpoint"]
+    assert json.load(open(os.path.join(run_dir, "checkpoint", "meta.json")))["step"] == 1
+    again = weights(os.path.join(run_dir, "checkpoint"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def _wait_for_log(path, deadline=120):
+    t0 = time.time()
+    while time.time() - t0 < deadline:
+        if os.path.exists(path) and open(path).read().strip():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no log line in {path}")
+
+
+def test_a_live_run_holds_its_folder(tiny_dir, tmp_path):
+    """A second run on the folder of a live one is refused in one sentence, without a traceback; the lock dies with
+    its process."""
+    import fcntl
+    out = tmp_path / "r"
+    p = subprocess.Popen(sft_cmd(tiny_dir, out, steps=400), env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_log(out / "sft_log.jsonl")
+        r = subprocess.run(sft_cmd(tiny_dir, out, steps=400, extra=["--resume"]), env=ENV, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode != 0 and "in use by another running process" in r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    with open(out / ".lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again: the OS released it with the process
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                kids.append(int(d))
+    return kids
+
+
+def test_torchrun_workers_die_with_the_launcher(tiny_dir, tmp_path):
+    """kill -9 of torchrun alone (not its process group): its workers follow it instead of writing the run on."""
+    out = tmp_path / "r"
+    p = subprocess.Popen(sft_cmd(tiny_dir, out, nproc=2, steps=400), env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_log(out / "sft_log.jsonl")
+        workers = _children(p.pid)
+        assert len(workers) >= 2
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        t0 = time.time()
+        while time.time() - t0 < 20 and any(os.path.exists(f"/proc/{w}") and
+                                            open(f"/proc/{w}/stat").read().rpartition(")")[2].split()[0] != "Z"
+                                            for w in workers):
+            time.sleep(0.1)
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}")
+                 and open(f"/proc/{w}/stat").read().rpartition(")")[2].split()[0] != "Z"]
+        assert not alive, f"workers {alive} outlived torchrun"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_known_failures_print_one_sentence(tmp_path):
+    """A bad path: one line on stderr, no traceback, exit 1; --debug shows the traceback."""
+    cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), "--model", str(tmp_path / "nowhere"), "--out",
+           str(tmp_path / "r"), "--steps", "1", "--no-progress"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error: "), r.stderr
+    r = subprocess.run(cmd + ["--debug"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_ctrl_c_says_how_to_resume(tiny_dir, tmp_path):
+    out = tmp_path / "r"
+    p = subprocess.Popen(sft_cmd(tiny_dir, out, steps=400), env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    _wait_for_log(out / "sft_log.jsonl")
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and "--resume" in err and "Traceback" not in err, err
