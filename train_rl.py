@@ -287,9 +287,11 @@ class Meter:
 def adam_update_ratio(optim: torch.optim.AdamW, device) -> float:
     """||the last AdamW update|| / ||weights|| over all parameters and ranks, recomputed from the optimizer state
     (lr * m_hat / (sqrt(v_hat) + eps), as torch applies it; weight decay's small share left out): how far one step
-    moves the model, with no copy of the weights."""
+    moves the model, with no copy of the weights. 0 for an optimizer without Adam's state (the tests' SGD)."""
     sq = torch.zeros(2, dtype=torch.float64, device=device)
     for g in optim.param_groups:
+        if "betas" not in g:
+            continue
         (b1, b2), lr, eps = g["betas"], g["lr"], g["eps"]
         for p in g["params"]:
             st = optim.state.get(p)
