@@ -1,6 +1,6 @@
 """The main job, one command: SFT -> GRPO -> evaluation on the embedded PBMC puzzles, with a results table and a plot.
 
-    python pipeline.py                                   # the CPU default, about 25 minutes on 2 cores
+    python pipeline.py                                   # the CPU default, 25-40 minutes on 2 cores
     python pipeline.py --out runs/batch --rl-args="--reward-mode batch"    # an ablation: compare the results.md
 
 Stages, in order; each is skipped when its output exists, so after Ctrl-C or a kill the same command goes on from
@@ -26,6 +26,8 @@ import time
 from train_common import write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# SFT on the CPU default: the tiny recipe, held-out evaluation at five points (the plot's SFT curve).
+SFT_DEFAULT = "--eval-every 280"
 # GRPO on the CPU default: 50 steps of 16 puzzles x 8 samples (~10 min), held-out evaluation every 10 steps.
 RL_DEFAULT = "--steps 50 --eval-every 10 --eval-puzzles 10 --eval-before"
 # Toy sizes for the pipeline test: every stage runs, each in seconds; the numbers mean nothing.
@@ -76,9 +78,16 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(ln) for ln in open(path)] if os.path.exists(path) else []
 
 
+def trailing_mean(y: list[float], k: int = 5) -> list[float]:
+    """A trailing k-point mean: one GRPO step's 16 puzzles make a noisy estimate."""
+    return [sum(y[max(0, i - k + 1):i + 1]) / len(y[max(0, i - k + 1):i + 1]) for i in range(len(y))]
+
+
 def plot(run: str, out: str) -> str:
-    """curves.png: SFT held-out accuracy, the RL rollout reward, RL held-out accuracy. matplotlib is optional (the
-    plot's only user): without it the table is still written."""
+    """curves.png, three panels: SFT (train loss, held-out accuracy), the GRPO rollout reward, and GRPO accuracy on
+    its train prompts (the rollouts, sampled) against held-out puzzles (greedy, and the sampled probe): the gap
+    between the two is what the policy knows by heart. matplotlib is optional (the plot's only user): without it the
+    table is still written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -86,21 +95,33 @@ def plot(run: str, out: str) -> str:
     except ImportError:
         return "no plot: `pip install matplotlib` and run again to draw curves.png"
     sft, rl = read_jsonl(f"{run}/sft/sft_log.jsonl"), read_jsonl(f"{run}/rl/rl_log.jsonl")
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    for title, log, a in [("SFT: held-out (greedy)", sft, ax[0]), ("GRPO: held-out (greedy)", rl, ax[2])]:
-        ev = [r for r in log if "eval" in r]
-        for key in ("cell_acc", "batch_acc", "format_rate"):
-            a.plot([r["step"] for r in ev], [r["eval"][key] for r in ev], marker="o", label=key)
-        a.set(title=title, xlabel="step", ylim=(0, 1.02))
-        a.legend()
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
+    steps = [r for r in sft if "loss" in r]
+    ax[0].plot([r["step"] for r in steps], trailing_mean([r["loss"] for r in steps], 20), color="gray",
+               label="train loss (20-step mean)")
+    ax[0].set(title="SFT", xlabel="step", ylabel="loss", yscale="log")
+    acc = ax[0].twinx()
+    ev = [r for r in sft if "eval" in r]
+    for key in ("cell_acc", "batch_acc"):
+        acc.plot([r["step"] for r in ev], [r["eval"][key] for r in ev], marker="o", label=f"held-out {key}")
+    acc.set(ylim=(0, 1), ylabel="held-out accuracy (greedy)")
+    ax[0].legend(*[sum(x, []) for x in zip(ax[0].get_legend_handles_labels(), acc.get_legend_handles_labels())],
+                 loc="center right")
     steps = [r for r in rl if "reward_mean" in r]
-    x, y = [r["step"] for r in steps], [r["reward_mean"] for r in steps]
-    ax[1].plot(x, y, alpha=0.4, label="mean reward")
-    k = 5  # a trailing 5-step mean: one step's 16 puzzles make a noisy estimate
-    ax[1].plot(x, [sum(y[max(0, i - k + 1):i + 1]) / len(y[max(0, i - k + 1):i + 1]) for i in range(len(y))],
-               label=f"{k}-step mean")
+    x = [r["step"] for r in steps]
+    ax[1].plot(x, [r["reward_mean"] for r in steps], alpha=0.4, label="mean reward")
+    ax[1].plot(x, trailing_mean([r["reward_mean"] for r in steps]), label="5-step mean")
     ax[1].set(title="GRPO: rollout reward", xlabel="step")
     ax[1].legend()
+    ax[2].plot(x, trailing_mean([r["batch_acc"] for r in steps]), label="train prompts, sampled (5-step mean)")
+    ev = [r for r in rl if "eval" in r]
+    ax[2].plot([r["step"] for r in ev], [r["eval"]["batch_acc"] for r in ev], marker="o", label="held-out, greedy")
+    probe = [r for r in ev if "heldout" in r.get("probe", {})]
+    if probe:
+        ax[2].plot([r["step"] for r in probe], [r["probe"]["heldout"]["sampled_exact"] for r in probe], marker="s",
+                   label="held-out probe, sampled")
+    ax[2].set(title="GRPO: batch accuracy, train prompts vs held-out", xlabel="step", ylim=(0, 1.02))
+    ax[2].legend()
     fig.tight_layout()
     fig.savefig(out + ".tmp.png", dpi=100)
     os.replace(out + ".tmp.png", out)
@@ -132,7 +153,7 @@ def main(argv=None):
     run = os.path.abspath(args.out)
     os.makedirs(run, exist_ok=True)
     # later flags win (argparse): the defaults, then --toy's sizes, then the user's flags
-    sft_args = shlex.split(TOY_SFT if args.toy else "") + shlex.split(args.sft_args)
+    sft_args = shlex.split(SFT_DEFAULT) + shlex.split(TOY_SFT if args.toy else "") + shlex.split(args.sft_args)
     rl_args = shlex.split(RL_DEFAULT) + shlex.split(TOY_RL if args.toy else "") + shlex.split(args.rl_args)
     if args.toy:
         args.eval_per_n, args.eval_max_new_tokens = 1, 8
@@ -145,7 +166,7 @@ def main(argv=None):
             raise SystemExit(f"{run} was started with other flags ({before}); use another --out or the same flags")
     write_json(f"{run}/pipeline.json", flags)
     if not args.toy:
-        print("cello main job: SFT (~13 min) -> GRPO (~10 min) -> evaluation (~1 min) on 2 CPU cores; about 25 "
+        print("cello main job: SFT (14-26 min) -> GRPO (~10 min) -> evaluation (~1 min) on 2 CPU cores; 25-40 "
               f"minutes in all. Run folder: {run}. Interrupt at will: the same command resumes.", flush=True)
     t0 = time.time()
     sys.path.insert(0, ROOT)
