@@ -71,6 +71,7 @@ class Puzzle:
     candidates: list[str]     # sorted()
     gold: list[str]           # type of cell i
     cell_ids: list[int] | None = None  # rows of the source matrix (built puzzles only; not written out)
+    source: str | None = None          # "file row k" (loaded puzzles only): where an error about it points
 
     @property
     def n(self) -> int:
@@ -215,6 +216,7 @@ def load_puzzles(source: str = "ncbi/CellPuzzles", split: str = "test",
         for k, row in enumerate(read_rows(path)):
             try:
                 puzzles.append(parse_row(row, split))
+                puzzles[-1].source = f"{path} row {k}"
             except ValueError as e:
                 if not skip_bad:
                     raise ValueError(f"{path} row {k}: {e}") from None

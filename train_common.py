@@ -436,6 +436,17 @@ def load_rows(source: str, split: str, skip_bad: bool) -> list[data.Puzzle]:
     return rows
 
 
+def eval_source(args) -> str:
+    """Where the held-out puzzles come from: --eval-data, else the embedded test cells, else --data's test split. A
+    single --data file has no test split of its own (its test split is its own rows): refused unless named."""
+    if args.eval_data:
+        return args.eval_data
+    if args.data != "embedded" and os.path.isfile(args.data):
+        raise SystemExit(f"--data {args.data} is one file, so the evaluation would run on the training rows: name the "
+                         f"held-out puzzles with --eval-data FILE (--eval-data {args.data} to evaluate on them anyway)")
+    return args.data
+
+
 def eval_puzzles(source: str, limit: int, seed: int) -> list[data.Puzzle]:
     """Held-out puzzles: embedded -> `limit` per N of test cells; a file / folder / hub id -> its test split."""
     if source == "embedded":

@@ -60,9 +60,10 @@ import reward
 from model import encode_chat, load_tokenizer, stop_token_ids
 from sampler import Sampler, pad64
 from train_common import (Log, all_reduce, apply_recipe, autocast, build_model, check_resume, eval_line, eval_puzzles,
-                          evaluate, guarded, infer_dtype, inference_copy, init_distributed, load_checkpoint, load_rows,
-                          local, lr_at, messages, model_card, pick_recipe, prepare_run_dir, publish_model,
-                          save_checkpoint, shard, sync_weights, system_turn, tokenizer_source, world_size)
+                          eval_source, evaluate, guarded, infer_dtype, inference_copy, init_distributed,
+                          load_checkpoint, load_rows, local, lr_at, messages, model_card, pick_recipe,
+                          prepare_run_dir, publish_model, save_checkpoint, shard, sync_weights, system_turn,
+                          tokenizer_source, world_size)
 
 # The recipes: flag -> (tiny, paper).
 RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 3000), "kl_coef": (0.0, 1e-3),
@@ -672,6 +673,7 @@ class Evaluator:
 
 def main(argv=None):
     args = parse_args(argv)
+    held_out = eval_source(args)  # refused before anything is built when it would be the training rows
     rank, world, device = init_distributed()
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the ranks ({world})")
@@ -697,7 +699,7 @@ def main(argv=None):
     reward_fn = puzzle_reward(tok, args.reward_mode, custom)
     stops = stop_token_ids(tok, model_dir)
     log = Log(os.path.join(args.out, "rl_log.jsonl"))
-    eval_set = eval_puzzles(args.eval_data or args.data, args.eval_puzzles, args.seed + 1)
+    eval_set = eval_puzzles(held_out, args.eval_puzzles, args.seed + 1)
     run_eval = Evaluator(model, infer, tok, eval_set, args, log, score, stream, stops)
     per_rank = args.prompts_per_step // world
     system = system_turn(args.system)
@@ -706,7 +708,7 @@ def main(argv=None):
         print(f"GRPO ({args.recipe} recipe): {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {world} "
               f"rank(s) on {device}, steps {start}->{steps}, {args.prompts_per_step} prompts x n={args.n}, "
               f"T={args.temperature}, lr {args.lr:g}, kl {args.kl_coef:g}, system {args.system}, data {args.data}, "
-              f"eval {len(eval_set)} puzzles, out {args.out}")
+              f"eval {len(eval_set)} puzzles of {held_out}, out {args.out}")
 
     if args.eval_before and start == 0:
         run_eval(0)

@@ -32,10 +32,10 @@ from tqdm import tqdm
 import data
 from model import Transformer, encode_chat, load_tokenizer
 from sampler import pad64
-from train_common import (Log, apply_recipe, autocast, build_model, check_resume, eval_line, eval_puzzles, evaluate,
-                          guarded, infer_dtype, inference_copy, init_distributed, load_checkpoint, load_rows, local,
-                          lr_at, messages, pick_recipe, prepare_run_dir, publish_model, save_checkpoint, shard,
-                          sync_weights, system_turn, tokenizer_source)
+from train_common import (Log, apply_recipe, autocast, build_model, check_resume, eval_line, eval_puzzles,
+                          eval_source, evaluate, guarded, infer_dtype, inference_copy, init_distributed,
+                          load_checkpoint, load_rows, local, lr_at, messages, pick_recipe, prepare_run_dir,
+                          publish_model, save_checkpoint, shard, sync_weights, system_turn, tokenizer_source)
 
 # The recipes: flag -> (tiny, paper). The tiny column was chosen by measurement (docs/experiments.md): small batches
 # and many optimizer steps, N growing from 3 (curriculum) and drawn in proportion to N, the one-line system turn, the
@@ -178,6 +178,24 @@ def examples(args) -> data.PuzzleStream:
                              easy_keep=args.easy_keep)
 
 
+def rows_that_fit(rows: list[data.Puzzle], tok, end_id: int, args) -> list[data.Puzzle]:
+    """Every row tokenised before step 1: one longer than --max-len is an error naming its file and row, or, under
+    --skip-bad, left out and counted (found at its step, it would cost the run)."""
+    kept, system = [], system_turn(args.system)
+    for p in rows:
+        n = len(tokenize(tok, p, p.assistant, end_id, 1 << 62, "", system)[0])
+        if n <= args.max_len:
+            kept.append(p)
+        elif not args.skip_bad:
+            raise SystemExit(f"{p.source}: {n} tokens > --max-len {args.max_len}; raise --max-len, or pass --skip-bad "
+                             f"to leave such rows out")
+    if len(kept) < len(rows) and dist.get_rank() == 0:
+        print(f"--skip-bad: left out {len(rows) - len(kept)} rows longer than --max-len {args.max_len}")
+    if not kept:
+        raise SystemExit(f"no row of {args.data} fits in --max-len {args.max_len}")
+    return kept
+
+
 def tokenize(tok, p: data.Puzzle, completion: str, end_id: int, max_len: int, where: str,
              system: str | None = None) -> tuple[list[int], int]:
     """-> (prompt ids + completion ids + <|im_end|>, prompt length). Prompt and completion are encoded apart, as the
@@ -318,6 +336,7 @@ def train_step(model, optim, batch, args, device) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    held_out = eval_source(args)  # refused before anything is built when it would be the training rows
     rank, world, device = init_distributed()
     torch.manual_seed(args.seed)
     if args.batch_size % world:
@@ -329,6 +348,8 @@ def main(argv=None):
     tok = load_tokenizer(tok_dir)
     end_id = tok.token_to_id("<|im_end|>")
     stream = examples(args)
+    if stream.rows is not None:
+        stream.rows = rows_that_fit(stream.rows, tok, end_id, args)
     if not args.steps and not len(stream):
         raise SystemExit("the embedded stream is endless: pass --steps")
     steps = args.steps or max(1, int(args.epochs * len(stream)) // args.batch_size)
@@ -341,12 +362,12 @@ def main(argv=None):
     ema = EMA(model, args.ema, int(EMA_START * steps)) if args.ema else None
     if start:
         load_checkpoint(args.out, model, optim, {"ema": ema.shadow} if ema else None)
-    eval_set = eval_puzzles(args.eval_data or args.data, args.eval_puzzles, args.seed + 1)
+    eval_set = eval_puzzles(held_out, args.eval_puzzles, args.seed + 1)
     log = Log(os.path.join(args.out, "sft_log.jsonl"))
     if rank == 0:
         print(f"SFT ({args.recipe} recipe): {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {world} "
               f"rank(s) on {device}, steps {start}->{steps}, global batch {args.batch_size}, data {args.data}, eval "
-              f"{len(eval_set)} puzzles, out {args.out}")
+              f"{len(eval_set)} puzzles of {held_out}, out {args.out}")
     per_rank = args.batch_size // world
     system = system_turn(args.system)
     card = {"recipe": args.recipe, "system": args.system}

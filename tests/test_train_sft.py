@@ -451,3 +451,27 @@ def test_ctrl_c_says_how_to_resume(tiny_dir, tmp_path):
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 130 and "--resume" in err and "Traceback" not in err, err
+
+
+def test_file_data_checks_before_step_1(tiny_dir, tmp_path):
+    """One --data file: evaluation on its own rows is refused unless named with --eval-data; a row longer than
+    --max-len stops the run before step 1 naming file and row, or is left out under --skip-bad."""
+    cells = data.embedded()
+    rows = [p for p in (data.PuzzleStream(0, cells=cells, teacher=data.fit_embedded_teacher(cells))[i]
+                        for i in range(6))]
+    rows[3].assistant = rows[3].assistant.replace("</think>", " long" * 2000 + "</think>")  # 2,000+ more tokens
+    path = tmp_path / "reasoning.jsonl"
+    data.write_jsonl(rows, str(path))
+    base = [sys.executable, os.path.join(ROOT, "train_sft.py"), "--model", tiny_dir, "--data", str(path), "--split",
+            "reasoning", "--steps", "2", "--batch-size", "2", "--micro-batch", "2", "--max-len", "1500",
+            "--eval-puzzles", "1", "--eval-max-new-tokens", "4", "--no-progress"]
+    r = subprocess.run(base + ["--out", str(tmp_path / "a")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--eval-data" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    named = ["--eval-data", str(path)]
+    r = subprocess.run(base + named + ["--out", str(tmp_path / "b")], env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and f"{path} row 3: " in r.stderr and "--max-len 1500" in r.stderr, r.stderr
+    assert not (tmp_path / "b" / "sft_log.jsonl").exists()  # refused before step 1
+    r = subprocess.run(base + named + ["--out", str(tmp_path / "c"), "--skip-bad"], env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "left out 1 rows" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
