@@ -580,11 +580,11 @@ def resolve_defaults(args):
 FAILURES = ("format", "count", "repeat")  # reward.failure's causes of a -1
 
 
-def step_record(step: int, lr: float, rec: dict, rollouts: list[Rollout], stream, tok, device) -> dict:
+def step_record(step: int, lr: float, rec: dict, rollouts: list[Rollout], puzzles: dict, tok, device) -> dict:
     """The step's log record: grpo_step's metrics plus the rollouts' task metrics (reward.metrics: micro-averaged
-    cell accuracy, exact match, format), reduced over ranks."""
+    cell accuracy, exact match, format), reduced over ranks. `puzzles`: this rank's prompts by global index."""
     texts = [tok.decode(r.tokens, skip_special_tokens=True) for r in rollouts]
-    gold = [stream[r.group].answer for r in rollouts]
+    gold = [puzzles[r.group].answer for r in rollouts]
     m = reward.metrics(texts, gold, [len(r.tokens) for r in rollouts])
     cells = sum(len(reward.split_items(a)) for a in gold)
     why = [reward.failure(t, a) for t, a in zip(texts, gold)]
@@ -622,10 +622,10 @@ def weights_finite(model, device) -> bool:
 PROBE_STEP = 10 ** 9  # the rollout seed's "step" for probes: never a training step's
 
 
-def probe(infer, puzzles: list, args, tok, stops, system) -> dict:
+def probe(infer, puzzles: list, args, tok, stops, system, score) -> dict:
     """--group-size samples at --temperature of each puzzle (each rank a contiguous share, seeded): the share of
     sampled completions that are exact, of puzzles with at least one exact sample (best of n), and of groups whose
-    rewards are all equal (no GRPO gradient), reduced over ranks. On held-out puzzles this is the headroom GRPO can
+    rewards (`score`: the training reward) are all equal (no GRPO gradient), reduced over ranks. On held-out puzzles this is the headroom GRPO can
     turn into greedy accuracy; on train prompts, against held-out, it shows how much the policy has memorised."""
     rank, world = dist.get_rank(), dist.get_world_size()
     per = -(-len(puzzles) // world)
@@ -636,7 +636,7 @@ def probe(infer, puzzles: list, args, tok, stops, system) -> dict:
     for r in rollouts:
         text = tok.decode(r.tokens, skip_special_tokens=True)
         exact.setdefault(r.group, []).append(reward.score(text, puzzles[r.group].answer, "batch") == 1.0)
-        rewards.setdefault(r.group, []).append(reward.score(text, puzzles[r.group].answer, args.reward_mode))
+        rewards.setdefault(r.group, []).append(score(puzzles[r.group], text))
     t = torch.tensor([len(exact), sum(sum(e) for e in exact.values()), sum(any(e) for e in exact.values()),
                       sum(max(r) == min(r) for r in rewards.values())], dtype=torch.float64)
     groups, hits, best, equal = all_reduce(t.to(next(infer.parameters()).device)).tolist()
@@ -659,7 +659,7 @@ class Evaluator:
         sync_weights(self.model, self.infer)
         m, texts = evaluate(self.infer, self.tok, self.puzzles, self.args.eval_max_new_tokens, progress=False,
                             system=self.system)
-        probes = {name: probe(self.infer, ps, self.args, self.tok, self.stops, self.system)
+        probes = {name: probe(self.infer, ps, self.args, self.tok, self.stops, self.system, self.score)
                   for name, ps in self.probes.items() if ps}
         k = self.args.log_samples
         pick = list(range(0, len(self.puzzles), max(1, len(self.puzzles) // max(k, 1))))[:k]
@@ -719,10 +719,10 @@ def main(argv=None):
         for g in optim.param_groups:
             g["lr"] = lr
         first = step * args.prompts_per_step + rank * per_rank  # this rank's contiguous share of the step's prompts
-        mine = [(i, encode_chat(tok, messages(stream[i], system), True), stream[i])
-                for i in range(first, first + per_rank)]
+        puzzles = {i: stream[i] for i in range(first, first + per_rank)}  # built once: a hard prompt costs draws
+        mine = [(i, encode_chat(tok, messages(p, system), True), p) for i, p in puzzles.items()]
         rec, rollouts = grpo_step(model, infer, ref, optim, mine, reward_fn, args, step, stops)
-        rec = step_record(step, lr, rec, rollouts, stream, tok, device)
+        rec = step_record(step, lr, rec, rollouts, puzzles, tok, device)
         log(rec, step_line(rec, steps))
         bad = bad + 1 if rec["skipped"] else 0
         if bad >= args.max_bad_steps:

@@ -166,12 +166,7 @@ def examples(args) -> data.PuzzleStream:
     """The SFT stream: embedded -> fresh augmented PBMC puzzles with accepted teacher traces; else the rows of a
     CellPuzzles file / folder / hub id (the reasoning split: every row a full trace)."""
     if args.data != "embedded":
-        rows = load_rows(args.data, args.split, args.skip_bad)
-        for i, p in enumerate(rows):
-            if "<think>" not in p.assistant or "</answer>" not in p.assistant:
-                raise SystemExit(f"{args.data} ({args.split}) row {i}: assistant_msg is not a <think>...</think>\n"
-                                 f"<answer>...</answer> trace; SFT needs the reasoning split")
-        return data.PuzzleStream(args.seed, rows=rows)
+        return data.PuzzleStream(args.seed, rows=load_rows(args.data, args.split, args.skip_bad))
     cells = data.embedded()
     return data.PuzzleStream(args.seed, cells=cells, mix=args.mix, ambient=args.ambient, n_weights=args.n_weights,
                              teacher=data.fit_embedded_teacher(cells), trace_order=args.trace_order,
@@ -179,10 +174,14 @@ def examples(args) -> data.PuzzleStream:
 
 
 def rows_that_fit(rows: list[data.Puzzle], tok, end_id: int, args) -> list[data.Puzzle]:
-    """Every row tokenised before step 1: one longer than --max-len is an error naming its file and row, or, under
-    --skip-bad, left out and counted (found at its step, it would cost the run)."""
+    """Every row checked before step 1 (found at its step, a bad row would cost the run), each error naming file and
+    row: a row that is not a full trace is refused (SFT needs the reasoning split); one longer than --max-len is
+    refused, or, under --skip-bad, left out and counted."""
     kept, system = [], system_turn(args.system)
     for p in rows:
+        if "<think>" not in p.assistant or "</answer>" not in p.assistant:
+            raise SystemExit(f"{p.source}: assistant_msg is not a <think>...</think>\n<answer>...</answer> trace; SFT "
+                             f"needs the reasoning split")
         n = len(tokenize(tok, p, p.assistant, end_id, 1 << 62, "", system)[0])
         if n <= args.max_len:
             kept.append(p)

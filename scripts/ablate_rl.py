@@ -37,29 +37,20 @@ def parse_sets(items: list[str]) -> dict[str, list[str]]:
     return sets
 
 
-def train(sft: str, out: str, seed: int, flags: list[str]) -> None:
+def train(script: str, sft: str, out: str, seed: int, flags: list[str]) -> None:
+    """`script` (train_rl.py or train_sft.py) from the SFT model into `out`, unless its model is there already."""
     if os.path.exists(os.path.join(out, "model", "config.json")):
         return
-    cmd = [sys.executable, os.path.join(ROOT, "train_rl.py"), "--model", sft, "--out", out, "--seed", str(seed),
+    cmd = [sys.executable, os.path.join(ROOT, script), "--model", sft, "--out", out, "--seed", str(seed),
            "--resume", "--no-progress", *flags]
     print(f"\n== {shlex.join(cmd)}", flush=True)
     if subprocess.call(cmd, cwd=ROOT):
-        raise SystemExit(f"GRPO run {out} failed; fix the cause and run the same command again: it resumes")
+        raise SystemExit(f"{script} run {out} failed; fix the cause and run the same command again: it resumes")
 
 
 # The honest control: the same minutes spent on more SFT from the same model, at the tiny recipe's final lr (its
 # cosine ends at 0.1 x 1e-3; Muon's at 0.1 x 0.01), constant, every N from the first step.
 MORE_SFT = "--lr 1e-4 --muon-lr 1e-3 --schedule constant --warmup 0 --curriculum 0 --eval-every 0"
-
-
-def more_sft(sft: str, out: str, seed: int, steps: int) -> None:
-    if os.path.exists(os.path.join(out, "model", "config.json")):
-        return
-    cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), "--model", sft, "--out", out, "--seed", str(seed),
-           "--steps", str(steps), "--resume", "--no-progress", *shlex.split(MORE_SFT)]
-    print(f"\n== {shlex.join(cmd)}", flush=True)
-    if subprocess.call(cmd, cwd=ROOT):
-        raise SystemExit(f"SFT control {out} failed; fix the cause and run the same command again: it resumes")
 
 
 def score(model_dir: str, sets: list, cache: str, max_new_tokens: int) -> list[dict]:
@@ -153,10 +144,10 @@ def main():
     runs = {name: [os.path.join(args.out, name, f"seed{s}") for s in args.seeds] for name in sets}
     for name, flags in sets.items():
         for seed, out in zip(args.seeds, runs[name]):
-            train(args.sft, out, seed, common + flags)
+            train("train_rl.py", args.sft, out, seed, common + flags)
     control = [os.path.join(args.out, "more-sft", f"seed{s}") for s in args.seeds] if args.more_sft else []
     for seed, out in zip(args.seeds, control):
-        more_sft(args.sft, out, seed, args.more_sft)
+        train("train_sft.py", args.sft, out, seed, ["--steps", str(args.more_sft), *shlex.split(MORE_SFT)])
     cells = data.embedded()
     heldout = [data.test_puzzles(cells, data.CPU, per_n=args.per_n, seed=1000 + j) for j in range(args.eval_sets)]
     cache = lambda d: os.path.join(d, f"heldout_{args.eval_sets}x{args.per_n}.json")  # noqa: E731

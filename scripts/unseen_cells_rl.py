@@ -34,10 +34,8 @@ def halves(split: data.CellSplit, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def puzzles(split: data.CellSplit, pool: np.ndarray, per_n: int, seed: int) -> list[data.Puzzle]:
-    sampler = data.PuzzleSampler(split.data, pool, data.CPU.n_genes)
-    rng = np.random.default_rng(seed)
-    lo, hi = data.CPU.n_range[0], min(data.CPU.n_range[1], sampler.max_n())
-    return [sampler.sample(n, rng) for n in range(lo, hi + 1) for _ in range(per_n)]
+    """Held-out puzzles (data.test_puzzles) of the cells in `pool` only."""
+    return data.test_puzzles(data.CellSplit(split.data, split.train, pool), data.CPU, per_n=per_n, seed=seed)
 
 
 def main():

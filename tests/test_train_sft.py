@@ -407,6 +407,16 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _running(pids: list[int]) -> list[int]:
+    """The pids still running (a zombie has died)."""
+    def state(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0]
+        except OSError:
+            return "gone"
+    return [p for p in pids if state(p) not in ("Z", "gone")]
+
+
 def test_torchrun_workers_die_with_the_launcher(tiny_dir, tmp_path):
     """kill -9 of torchrun alone (not its process group): its workers follow it instead of writing the run on."""
     out = tmp_path / "r"
@@ -419,13 +429,9 @@ def test_torchrun_workers_die_with_the_launcher(tiny_dir, tmp_path):
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         t0 = time.time()
-        while time.time() - t0 < 20 and any(os.path.exists(f"/proc/{w}") and
-                                            open(f"/proc/{w}/stat").read().rpartition(")")[2].split()[0] != "Z"
-                                            for w in workers):
+        while time.time() - t0 < 20 and _running(workers):
             time.sleep(0.1)
-        alive = [w for w in workers if os.path.exists(f"/proc/{w}")
-                 and open(f"/proc/{w}/stat").read().rpartition(")")[2].split()[0] != "Z"]
-        assert not alive, f"workers {alive} outlived torchrun"
+        assert not _running(workers), f"workers {_running(workers)} outlived torchrun"
     finally:
         try:
             os.killpg(p.pid, signal.SIGKILL)
