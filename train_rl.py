@@ -627,7 +627,7 @@ def probe(infer, puzzles: list, args, tok, stops, system, score) -> dict:
     sampled completions that are exact, of puzzles with at least one exact sample (best of n), and of groups whose
     rewards (`score`: the training reward) are all equal (no GRPO gradient), reduced over ranks. On held-out puzzles this is the headroom GRPO can
     turn into greedy accuracy; on train prompts, against held-out, it shows how much the policy has memorised."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = (dist.get_rank() if dist.is_initialized() else 0), world_size()
     per = -(-len(puzzles) // world)
     mine = [(i, encode_chat(tok, messages(puzzles[i], system), True), puzzles[i])
             for i in range(rank * per, min(len(puzzles), (rank + 1) * per))]
