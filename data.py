@@ -37,7 +37,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -252,7 +252,8 @@ class PuzzleConfig:
     n_range: tuple[int, int] = (3, 8)           # N drawn uniformly in [lo, hi] (released: 8-15)
     augment: bool = True                        # down-sample train cells afresh for every train puzzle
     p_range: tuple[float, float] = (0.3, 1.0)   # kept fraction of UMIs, uniform per draw (1: the cell as is)
-    test_frac: float = 0.3                      # cells held out per type
+    test_frac: float = 0.3                      # cells held out per type (evaluation only)
+    rl_frac: float = 0.3                        # of the remaining cells per type, kept from SFT for GRPO's prompts
     split_seed: int = 0
 
 
@@ -302,24 +303,37 @@ def downsample(counts: np.ndarray, rng: np.random.Generator, p_range=(0.3, 0.8))
 
 @dataclass
 class CellSplit:
+    """Row indices of three disjoint sets of cells. `train`: SFT's puzzles (with teacher traces); `rl`: train cells
+    kept away from SFT, GRPO's prompts (empty: GRPO draws from `train`); `test`: held out, evaluation only."""
     data: CellData
-    train: np.ndarray         # row indices
+    train: np.ndarray
     test: np.ndarray
+    rl: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def labelled(self) -> np.ndarray:
+        """Every cell whose label training may use (train and rl): what the teacher is fitted on."""
+        return np.sort(np.concatenate([self.train, self.rl]))
 
 
-def split_cells(data: CellData, test_frac: float = 0.3, seed: int = 0, min_test: int = 2) -> CellSplit:
+def split_cells(data: CellData, test_frac: float = 0.3, seed: int = 0, min_test: int = 2,
+                rl_frac: float = 0.0) -> CellSplit:
     """Split cells (not puzzles) per type: round(test_frac * n) test cells, at least min_test, and at least one
-    train cell, so every type appears on both sides and no cell is on both."""
+    train cell, so every type appears on both sides and no cell is on both. With rl_frac > 0, round(rl_frac * m) of
+    a type's m remaining cells (at least one, and never all) go to `rl` instead of `train`. The test cells do not
+    depend on rl_frac (the same permutation, test cells first)."""
     rng = np.random.default_rng(seed)
-    train, test = [], []
+    train, test, rl = [], [], []
     for t in sorted(set(data.labels.tolist())):
         idx = rng.permutation(np.flatnonzero(data.labels == t))
-        if len(idx) < min_test + 1:
-            raise ValueError(f"type {t!r} has {len(idx)} cells; need {min_test + 1} for a train/test split")
+        if len(idx) < min_test + 1 + (rl_frac > 0):
+            raise ValueError(f"type {t!r} has {len(idx)} cells; need {min_test + 1 + (rl_frac > 0)} to split it")
         k = min(max(min_test, round(test_frac * len(idx))), len(idx) - 1)
+        r = min(max(1, round(rl_frac * (len(idx) - k))), len(idx) - k - 1) if rl_frac > 0 else 0
         test += idx[:k].tolist()
-        train += idx[k:].tolist()
-    return CellSplit(data, np.array(sorted(train)), np.array(sorted(test)))
+        rl += idx[k:k + r].tolist()
+        train += idx[k + r:].tolist()
+    return CellSplit(data, np.array(sorted(train)), np.array(sorted(test)), np.array(sorted(rl), dtype=np.int64))
 
 
 class PuzzleSampler:
@@ -394,19 +408,23 @@ class PuzzleStream:
         smallest to the largest over the first `ramp` puzzles (a curriculum). With a `teacher`, assistant is its
         accepted `trace_order` trace (puzzles whose trace is wrong are redrawn with a new N, as the paper's rejection
         sampling), and a puzzle that is not `Teacher.hard` is kept with probability `easy_keep` (redrawn, same N).
-    `key` separates streams of one seed (GRPO prompts use (1,): prompt i is not SFT example i)."""
+    `key` separates streams of one seed (GRPO prompts use (1,): prompt i is not SFT example i). `pool` names the
+    cells drawn from: "train" (SFT's), "rl" (kept for GRPO) or "labelled" (both)."""
 
     def __init__(self, seed: int, rows: list[Puzzle] | None = None, cells: CellSplit | None = None,
                  cfg: PuzzleConfig = None, key: tuple = (), mix: float = 0.0, ambient: float = 0.0,
                  n_weights: str = "uniform", ramp: int = 0, teacher=None, trace_order: str = "fix",
-                 easy_keep: float = 1.0):
+                 easy_keep: float = 1.0, pool: str = "train"):
         if (rows is None) == (cells is None):
             raise ValueError("PuzzleStream takes rows or cells, not both")
         self.seed, self.rows, self.key, self.n_weights, self.ramp = seed, rows, tuple(key), n_weights, ramp
         self.teacher, self.trace_order, self.easy_keep = teacher, trace_order, easy_keep
         if cells is not None:
             cfg = cfg or CPU
-            self.sampler = PuzzleSampler(cells.data, cells.train, cfg.n_genes, cfg.augment, cfg.p_range, mix, ambient)
+            cell_ids = getattr(cells, pool)
+            if not len(cell_ids):
+                raise ValueError(f"the {pool!r} pool of this cell split is empty")
+            self.sampler = PuzzleSampler(cells.data, cell_ids, cfg.n_genes, cfg.augment, cfg.p_range, mix, ambient)
             self.n_range = (cfg.n_range[0], min(cfg.n_range[1], self.sampler.max_n()))
 
     def __len__(self) -> int:
@@ -442,18 +460,19 @@ class PuzzleStream:
 
 
 def embedded(cfg: PuzzleConfig = CPU) -> CellSplit:
-    """The default data: embedded PBMCs split by cell."""
-    return split_cells(load_pbmc(), cfg.test_frac, cfg.split_seed)
+    """The default data: embedded PBMCs split by cell into SFT, GRPO and test cells."""
+    return split_cells(load_pbmc(), cfg.test_frac, cfg.split_seed, rl_frac=cfg.rl_frac)
 
 
 def export(split: CellSplit, out_dir: str, cfg: PuzzleConfig = CPU, n_train: int = 5000, per_n: int = 50,
            seed: int = 0) -> dict[str, int]:
-    """Write a released-layout folder: train.jsonl (gold answers), reasoning.jsonl (accepted teacher traces on
-    train puzzles, none of them the same draw as a train.jsonl row) and test.jsonl. Returns row counts."""
+    """Write a released-layout folder: train.jsonl (gold answers: GRPO's rows, drawn from the rl cells when the
+    split has them), reasoning.jsonl (accepted teacher traces on puzzles of the SFT cells, none of them the same draw
+    as a train.jsonl row) and test.jsonl. Returns row counts."""
     os.makedirs(out_dir, exist_ok=True)
     teacher = fit_embedded_teacher(split, cfg, seed=seed)
-    train, reasoning = PuzzleStream(seed, cells=split, cfg=cfg), PuzzleStream(seed + 1, cells=split, cfg=cfg,
-                                                                                teacher=teacher)
+    train = PuzzleStream(seed, cells=split, cfg=cfg, pool="rl" if len(split.rl) else "train")
+    reasoning = PuzzleStream(seed + 1, cells=split, cfg=cfg, teacher=teacher)
     rows = {"train": [train[i] for i in range(n_train)], "reasoning": [reasoning[i] for i in range(n_train)],
             "test": test_puzzles(split, cfg, per_n, seed)}
     for name, puzzles in rows.items():
@@ -634,12 +653,13 @@ def fit_teacher(cells: list[list[str]], labels: list[str], alpha: float = 0.25) 
 
 
 def fit_embedded_teacher(split: CellSplit, cfg: PuzzleConfig = CPU, draws: int = 8, seed: int = 0) -> Teacher:
-    """Teacher fitted on train cells only: their top-gene lists, plus `draws` down-sampled lists each when
-    cfg.augment (so it also knows what shallower train cells look like)."""
+    """Teacher fitted on the labelled cells (train and rl; never test): their top-gene lists, plus `draws`
+    down-sampled lists each when cfg.augment (so it also knows what shallower cells look like). It sees every label
+    that SFT and GRPO together see, so a student that passes it has not merely been given more data."""
     rng = np.random.default_rng(seed)
     d = split.data
     cells, labels = [], []
-    for c in split.train:
+    for c in split.labelled:
         cells.append(top_genes(d.values[c], d.genes, cfg.n_genes))
         for _ in range(draws if cfg.augment else 0):
             cells.append(top_genes(downsample(d.values[c], rng, cfg.p_range), d.genes, cfg.n_genes))

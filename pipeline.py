@@ -146,6 +146,8 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/main", help="run folder (created; an existing one is resumed)")
     ap.add_argument("--sft-args", default="", help="extra flags for train_sft.py, one string")
     ap.add_argument("--rl-args", default="", help="extra flags for train_rl.py, one string")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of both stages (the held-out puzzles stay "
+                    "the same: compare seeds on them)")
     ap.add_argument("--eval-per-n", type=int, default=50, help="held-out puzzles per N for the final table")
     ap.add_argument("--eval-max-new-tokens", type=int, default=512, help="decode budget of the final evaluation")
     ap.add_argument("--toy", action="store_true", help="seconds-long stages (tests): the numbers mean nothing")
@@ -153,8 +155,9 @@ def main(argv=None):
     run = os.path.abspath(args.out)
     os.makedirs(run, exist_ok=True)
     # later flags win (argparse): the defaults, then --toy's sizes, then the user's flags
-    sft_args = shlex.split(SFT_DEFAULT) + shlex.split(TOY_SFT if args.toy else "") + shlex.split(args.sft_args)
-    rl_args = shlex.split(RL_DEFAULT) + shlex.split(TOY_RL if args.toy else "") + shlex.split(args.rl_args)
+    seed = ["--seed", str(args.seed)]
+    sft_args = seed + shlex.split(SFT_DEFAULT) + shlex.split(TOY_SFT if args.toy else "") + shlex.split(args.sft_args)
+    rl_args = seed + shlex.split(RL_DEFAULT) + shlex.split(TOY_RL if args.toy else "") + shlex.split(args.rl_args)
     if args.toy:
         args.eval_per_n, args.eval_max_new_tokens = 1, 8
     # A run folder belongs to one set of flags: resuming it under other flags would mix two experiments silently.

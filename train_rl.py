@@ -443,17 +443,14 @@ def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, sto
 # Data, rewards, the run
 
 def prompts(args) -> data.PuzzleStream:
-    """RL prompt i of the run, a pure function of (seed, i): embedded -> a fresh augmented puzzle of the PBMC train
-    cells (--prompts hard: as the tiny SFT recipe's stream: pooled and ambient-mixed cells, N in proportion to N,
-    9 in 10 easy puzzles dropped); else the `--split` rows of a CellPuzzles file / folder / hub id in a seeded
-    per-epoch order, epochs wrapping forever (a run resumed at an epoch boundary trains on)."""
+    """RL prompt i of the run, a pure function of (seed, i): embedded -> a fresh augmented puzzle of the PBMC cells
+    kept away from SFT (--prompts rl; on SFT's own cells the policy scores from memory, so the reward cannot tell
+    reading from recall) or of SFT's cells (--prompts sft); else the `--split` rows of a CellPuzzles file / folder /
+    hub id in a seeded per-epoch order, epochs wrapping forever (a run resumed at an epoch boundary trains on)."""
     if args.data != "embedded":
         return data.PuzzleStream(args.seed, rows=load_rows(args.data, args.split, args.skip_bad))
-    cells = data.embedded()
-    if args.prompts == "hard":  # new cells (pooled, ambient UMIs) in puzzles the per-cell argmax gets wrong
-        return data.PuzzleStream(args.seed, cells=cells, key=RL_STREAM, mix=0.5, ambient=0.5, n_weights="linear",
-                                 teacher=data.fit_embedded_teacher(cells), easy_keep=0.1)
-    return data.PuzzleStream(args.seed, cells=cells, key=RL_STREAM)
+    return data.PuzzleStream(args.seed, cells=data.embedded(), key=RL_STREAM,
+                             pool={"rl": "rl", "sft": "train"}[args.prompts])
 
 
 def load_reward_fn(spec: str):
@@ -489,8 +486,8 @@ def parse_args(argv=None):
     a("--tokenizer", default=None, help="folder with tokenizer.json (default: the model's, or assets/ for tiny)")
     a("--data", default="embedded", help="'embedded' (fresh PBMC puzzles) or a CellPuzzles file / folder / hub id")
     a("--split", default="train", help="split of --data to draw prompts from")
-    a("--prompts", default="train", choices=["train", "hard"], help="embedded data: puzzles of train cells thinned "
-      "afresh (train), or new cells made by pooling and ambient UMIs in mostly hard puzzles, as the tiny SFT stream")
+    a("--prompts", default="rl", choices=["rl", "sft"], help="embedded data: puzzles of the train cells kept away "
+      "from SFT (rl), or of SFT's own cells (sft: the policy knows them by heart), thinned afresh")
     a("--skip-bad", action="store_true", help="skip malformed rows of --data instead of failing")
     a("--system", default=None, choices=["released", "short"], help="system turn (default: the one recorded in the "
       "model folder's cello.json, else released)")
@@ -719,7 +716,7 @@ def main(argv=None):
         for g in optim.param_groups:
             g["lr"] = lr
         first = step * args.prompts_per_step + rank * per_rank  # this rank's contiguous share of the step's prompts
-        puzzles = {i: stream[i] for i in range(first, first + per_rank)}  # built once: a hard prompt costs draws
+        puzzles = {i: stream[i] for i in range(first, first + per_rank)}  # built once per step
         mine = [(i, encode_chat(tok, messages(p, system), True), p) for i, p in puzzles.items()]
         rec, rollouts = grpo_step(model, infer, ref, optim, mine, reward_fn, args, step, stops)
         rec = step_record(step, lr, rec, rollouts, puzzles, tok, device)

@@ -49,7 +49,7 @@ RECIPE = {"batch_size": (8, 96), "micro_batch": (8, 1), "steps": (1400, None), "
           "n_weights": ("linear", "uniform"), "curriculum": (0.5, 0.0), "eval_every": (700, 100),
           "eval_puzzles": (10, 200), "eval_max_new_tokens": (512, 3500), "save_every": (700, 175)}
 # What a resumed run must keep: the EMA, the flags that define training example i, and the lr schedule's length.
-DATA_FLAGS = ("ema", "seed", "data", "split", "trace_order", "mix", "ambient", "easy_keep", "n_weights",
+DATA_FLAGS = ("ema", "seed", "data", "split", "cells", "trace_order", "mix", "ambient", "easy_keep", "n_weights",
               "curriculum", "batch_size", "steps")
 EMA_START = 0.5  # the weight average starts half-way through the run (before that it is the weights)
 
@@ -170,7 +170,7 @@ def examples(args) -> data.PuzzleStream:
     cells = data.embedded()
     return data.PuzzleStream(args.seed, cells=cells, mix=args.mix, ambient=args.ambient, n_weights=args.n_weights,
                              teacher=data.fit_embedded_teacher(cells), trace_order=args.trace_order,
-                             easy_keep=args.easy_keep)
+                             easy_keep=args.easy_keep, pool={"sft": "train", "all": "labelled"}[args.cells])
 
 
 def rows_that_fit(rows: list[data.Puzzle], tok, end_id: int, args) -> list[data.Puzzle]:
@@ -252,6 +252,8 @@ def parse_args(argv=None):
     a("--data", default="embedded", help="'embedded' (PBMC puzzles + teacher traces) or a CellPuzzles file / folder / "
       "hub id whose reasoning split is used")
     a("--split", default="reasoning", help="split of --data to train on")
+    a("--cells", default="sft", choices=["sft", "all"], help="embedded data: SFT's share of the train cells, or all "
+      "of them, the share kept for GRPO's prompts included (a control: SFT given the cells GRPO would get)")
     a("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of failing")
     a("--system", default=None, choices=["released", "short"], help="system turn: the released instruction, or a "
       "one-line one")

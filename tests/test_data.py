@@ -108,12 +108,15 @@ def test_same_seed_same_puzzles_and_bytes(pbmc, tmp_path):
 
 def test_no_test_cell_in_train_puzzles(pbmc):
     split, _ = pbmc
-    train, test = set(split.train.tolist()), set(split.test.tolist())
-    assert not train & test and len(train | test) == 700
+    train, test, rl = set(split.train.tolist()), set(split.test.tolist()), set(split.rl.tolist())
+    assert not train & test and not rl & test and not rl & train and len(train | test | rl) == 700
     labels = split.data.labels
-    assert set(labels[split.test]) == set(labels[split.train]) == set(labels)   # every type on both sides
+    assert set(labels[split.test]) == set(labels[split.train]) == set(labels[split.rl]) == set(labels)  # every side
     stream = take(data.PuzzleStream(0, cells=split), 300)
     assert all(set(p.cell_ids) <= train for p in stream)
+    assert all(set(p.cell_ids) <= rl for p in take(data.PuzzleStream(0, cells=split, pool="rl"), 100))
+    both = take(data.PuzzleStream(0, cells=split, pool="labelled"), 300)
+    assert set().union(*(p.cell_ids for p in both)) & rl and all(set(p.cell_ids) <= train | rl for p in both)
     assert all(set(p.cell_ids) <= test for p in data.test_puzzles(split, per_n=10))
     assert {p.n for p in stream} == set(range(3, 9))
     # augmentation is on: the same train cell shows different gene lists, test cells never do
@@ -125,6 +128,24 @@ def test_no_test_cell_in_train_puzzles(pbmc):
     for p in data.test_puzzles(split, per_n=5):
         for c, genes in zip(p.cell_ids, p.cells):
             assert genes == data.top_genes(split.data.values[c], split.data.genes, data.CPU.n_genes)
+
+
+def test_rl_share_by_hand(pbmc):
+    """Per type of m cells: k = round(0.3 m) test cells (at least 2), then round(rl_frac (m - k)) rl cells (at least
+    one, never all); the test cells are those of the split without an rl share, and the teacher is fitted on the
+    same cells either way (train and rl: every label training uses)."""
+    split, teacher = pbmc
+    plain = data.split_cells(split.data, data.CPU.test_frac, data.CPU.split_seed)
+    assert split.test.tolist() == plain.test.tolist() and split.labelled.tolist() == plain.train.tolist()
+    labels = split.data.labels
+    for t in set(labels.tolist()):
+        m = int((labels == t).sum())
+        k = max(2, round(0.3 * m))
+        r = max(1, round(0.3 * (m - k)))
+        assert ((labels[split.test] == t).sum(), (labels[split.rl] == t).sum()) == (k, r)
+    assert np.array_equal(teacher.weight, data.fit_embedded_teacher(plain).weight)
+    with pytest.raises(ValueError, match="empty"):
+        data.PuzzleStream(0, cells=plain, pool="rl")
 
 
 @pytest.fixture
