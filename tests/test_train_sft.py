@@ -234,14 +234,16 @@ def test_bad_flags_are_refused_in_one_sentence(flags, why, capsys):
     assert why in capsys.readouterr().err
 
 
-def test_newton_schulz_is_close_to_the_polar_factor():
-    """Against the SVD: U V^T of g, the orthogonal factor Muon's update approximates; singular values near 1."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_newton_schulz_is_close_to_the_polar_factor(dtype):
+    """Against the SVD: U V^T of g, the orthogonal factor Muon's update approximates; singular values near 1, in
+    either precision of the iteration."""
     from train_sft import newton_schulz
     torch.manual_seed(0)
     for shape in [(48, 160), (160, 48), (64, 64)]:
         g = torch.randn(shape) @ torch.diag(torch.logspace(-1, 0, shape[1]))  # singular values over a decade
         u, _, vt = torch.linalg.svd(g, full_matrices=False)
-        x = newton_schulz(g)
+        x = newton_schulz(g, dtype=dtype)
         assert x.shape == g.shape and x.dtype == g.dtype
         s = torch.linalg.svdvals(x)
         assert s.max() < 1.3 and (s > 0.6).float().mean() > 0.9, s  # 5 steps leave only the tiniest below
@@ -257,7 +259,8 @@ def test_muon_step_by_hand_and_adamw_part_equals_torch():
     w, b = torch.nn.Parameter(torch.randn(32, 8)), torch.nn.Parameter(torch.randn(8))
     b_ref = torch.nn.Parameter(b.detach().clone())
     lr, mlr, wd, m = 1e-2, 0.05, 0.1, 0.95
-    opt = Muon([dict(params=[w], muon=True, lr=mlr), dict(params=[b])], lr=lr, weight_decay=wd, momentum=m)
+    opt = Muon([dict(params=[w], muon=True, lr=mlr), dict(params=[b])], lr=lr, weight_decay=wd, momentum=m,
+               ns_dtype=torch.float32)
     ref = torch.optim.AdamW([b_ref], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
     w_want, buf = w.detach().clone(), torch.zeros(32, 8)
     for _ in range(3):
@@ -267,7 +270,7 @@ def test_muon_step_by_hand_and_adamw_part_equals_torch():
         ref.step()
         buf = m * buf + (1 - m) * gw
         nesterov = (1 - m) * gw + m * buf
-        w_want = w_want * (1 - mlr * wd) - mlr * newton_schulz(nesterov) * (32 / 8) ** 0.5
+        w_want = w_want * (1 - mlr * wd) - mlr * newton_schulz(nesterov, dtype=torch.float32) * (32 / 8) ** 0.5
     torch.testing.assert_close(w.detach(), w_want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b.detach(), b_ref.detach(), atol=1e-6, rtol=1e-6)
 
