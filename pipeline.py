@@ -85,8 +85,8 @@ def trailing_mean(y: list[float], k: int = 5) -> list[float]:
 
 def plot(run: str, out: str) -> str:
     """curves.png, three panels: SFT (train loss, held-out accuracy), the GRPO rollout reward, and GRPO accuracy on
-    its train prompts (the rollouts, sampled) against held-out puzzles (greedy, and the sampled probe): the gap
-    between the two is what the policy knows by heart. matplotlib is optional (the plot's only user): without it the
+    its own prompts (the rollouts, sampled) against held-out puzzles (greedy, and the sampled probe): a gap between
+    the two is what the policy knows by heart (its prompts' cells carry their labels through the reward). matplotlib is optional (the plot's only user): without it the
     table is still written."""
     try:
         import matplotlib
@@ -113,14 +113,14 @@ def plot(run: str, out: str) -> str:
     ax[1].plot(x, trailing_mean([r["reward_mean"] for r in steps]), label="5-step mean")
     ax[1].set(title="GRPO: rollout reward", xlabel="step")
     ax[1].legend()
-    ax[2].plot(x, trailing_mean([r["batch_acc"] for r in steps]), label="train prompts, sampled (5-step mean)")
+    ax[2].plot(x, trailing_mean([r["batch_acc"] for r in steps]), label="GRPO prompts, sampled (5-step mean)")
     ev = [r for r in rl if "eval" in r]
     ax[2].plot([r["step"] for r in ev], [r["eval"]["batch_acc"] for r in ev], marker="o", label="held-out, greedy")
     probe = [r for r in ev if "heldout" in r.get("probe", {})]
     if probe:
         ax[2].plot([r["step"] for r in probe], [r["probe"]["heldout"]["sampled_exact"] for r in probe], marker="s",
                    label="held-out probe, sampled")
-    ax[2].set(title="GRPO: batch accuracy, train prompts vs held-out", xlabel="step", ylim=(0, 1.02))
+    ax[2].set(title="GRPO: batch accuracy, its prompts vs held-out", xlabel="step", ylim=(0, 1.02))
     ax[2].legend()
     fig.tight_layout()
     fig.savefig(out + ".tmp.png", dpi=100)

@@ -49,8 +49,9 @@ def train(script: str, sft: str, out: str, seed: int, flags: list[str]) -> None:
 
 
 # The honest control: the same minutes spent on more SFT from the same model, at the tiny recipe's final lr (its
-# cosine ends at 0.1 x 1e-3; Muon's at 0.1 x 0.01), constant, every N from the first step.
-MORE_SFT = "--lr 1e-4 --muon-lr 1e-3 --schedule constant --warmup 0 --curriculum 0 --eval-every 0"
+# cosine ends at 0.1 x 1e-3; Muon's at 0.1 x 0.01), constant, every N from the first step, on all train cells (the
+# ones GRPO's prompts come from included: the control gets the same cells, as teacher traces instead of rewards).
+MORE_SFT = "--lr 1e-4 --muon-lr 1e-3 --schedule constant --warmup 0 --curriculum 0 --eval-every 0 --cells all"
 
 
 def score(model_dir: str, sets: list, cache: str, max_new_tokens: int) -> list[dict]:

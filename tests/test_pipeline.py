@@ -107,3 +107,28 @@ def test_ablation_runner_at_toy_size(tiny_dir, tmp_path):
     stamps = [f.stat().st_mtime_ns for f in files]
     run(c)
     assert [f.stat().st_mtime_ns for f in files] == stamps  # nothing retrained, rewritten or rescored
+
+
+def test_compare_runs_at_toy_size(tmp_path):
+    """scripts/compare_runs.py on a toy main job of seed 3: the control trains from that run's SFT model with the
+    run's seed on all train cells, every model is scored on the same sets, and the summary line's numbers are those
+    recomputed from runs.json."""
+    run(cmd(tmp_path / "seed3", "--seed", "3"))
+    c = [sys.executable, os.path.join(ROOT, "scripts", "compare_runs.py"), str(tmp_path / "seed3"), "--out",
+         str(tmp_path / "cmp"), "--sets", "2", "--per-n", "1", "--max-new-tokens", "8", "--more-sft", "2",
+         "--sft-args", "--batch-size 2 --micro-batch 2 --eval-puzzles 1 --eval-max-new-tokens 8 --save-every 1"]
+    run(c)
+    args = json.load(open(tmp_path / "seed3" / "more_sft_2" / "checkpoint" / "meta.json"))["args"]
+    assert (args["seed"], args["cells"], args["steps"], args["model"]) == (3, "all", 2, str(tmp_path / "seed3" / "sft"
+                                                                                            / "model"))
+    res = json.load(open(tmp_path / "cmp" / "runs.json"))
+    models = res["scores"]["seed3"]
+    assert set(models) == {"SFT", "SFT + GRPO", "more SFT"} and all(len(v) == 2 for v in models.values())
+    gains = [a["batch_acc"] - b["batch_acc"] for a, b in zip(models["SFT + GRPO"], models["SFT"])]
+    text = (tmp_path / "cmp" / "runs.md").read_text()
+    assert f"mean {sum(gains) / 2:+.3f}, smallest {min(gains):+.3f} over 2 (run, set) pairs" in text
+    teacher = [m["batch_acc"] for m in res["baselines"]["teacher (Hungarian)"]]
+    assert f"against the teacher's {sum(teacher) / 2:.3f}" in text
+    stamp = (tmp_path / "seed3" / "rl" / "heldout_2x1.json").stat().st_mtime_ns
+    run(c)
+    assert (tmp_path / "seed3" / "rl" / "heldout_2x1.json").stat().st_mtime_ns == stamp  # cached
