@@ -33,6 +33,7 @@ paper, a trace is kept only when its answer is fully correct (rejection sampling
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -425,10 +426,25 @@ class PuzzleStream:
             if not len(cell_ids):
                 raise ValueError(f"the {pool!r} pool of this cell split is empty")
             self.sampler = PuzzleSampler(cells.data, cell_ids, cfg.n_genes, cfg.augment, cfg.p_range, mix, ambient)
+            self.pool_ids = np.sort(cell_ids)
             self.n_range = (cfg.n_range[0], min(cfg.n_range[1], self.sampler.max_n()))
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else 0  # 0: endless
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of what the stream draws from: the rows (released-format JSON), or the pool's cells
+        (ids, counts, genes, labels, donors, contexts). A resumed run compares it with its checkpoint's: the same
+        path may hold other content."""
+        h = hashlib.sha256()
+        if self.rows is not None:
+            for p in self.rows:
+                h.update(json.dumps(p.row(), sort_keys=True).encode())
+        else:
+            d, ids = self.sampler.data, self.pool_ids
+            for a in (ids, d.values[ids], d.genes, d.labels[ids], d.donors[ids], d.contexts[ids]):
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
 
     def _draw_n(self, i: int, rng: np.random.Generator) -> int:
         lo, hi = self.n_range

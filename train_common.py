@@ -320,6 +320,14 @@ def read_meta(run_dir: str) -> dict:
         return json.load(f)
 
 
+def refuse_or_warn(args, why: str) -> None:
+    """A resume that would change the run mid-way: refused, or under --force-resume only reported (rank 0)."""
+    if not args.force_resume:
+        raise SystemExit(why + " (or pass --force-resume if you mean it)")
+    if dist.get_rank() == 0:
+        print(f"warning: --force-resume: {why.split(': ')[0]}; the run now mixes two setups", file=sys.stderr)
+
+
 def check_resume(run_dir: str, args, flags: tuple[str, ...]) -> None:
     """Refuse to resume with other values of `flags` (those that define the run's data) than the checkpoint
     recorded, naming the flag. Reads only meta.json: call it before anything is built."""
@@ -328,9 +336,17 @@ def check_resume(run_dir: str, args, flags: tuple[str, ...]) -> None:
         was = saved.get(k)
         if k in saved and was != getattr(args, k):
             flag = "--" + k.replace("_", "-")
-            raise SystemExit(f"{run_dir} was trained with {flag} {was}, this run has {flag} {getattr(args, k)}: "
-                             f"resume it with {flag} {was}, or start a new run with another --out (the run would "
-                             f"change mid-way)")
+            refuse_or_warn(args, f"{run_dir} was trained with {flag} {was}, this run has {flag} {getattr(args, k)}: "
+                                 f"resume it with {flag} {was}, or start a new run with another --out")
+
+
+def check_data(run_dir: str, args, fingerprint: str) -> None:
+    """Refuse to resume when the data's content changed since the checkpoint (PuzzleStream.fingerprint), though
+    its name did not; a checkpoint written before fingerprints were recorded is not checked."""
+    was = read_meta(run_dir).get("data_hash")
+    if was and was != fingerprint:
+        refuse_or_warn(args, f"--data {args.data}: its content changed since {run_dir} was checkpointed (data "
+                             f"fingerprint {was}, now {fingerprint}): restore it, or start a new run with another --out")
 
 
 def load_checkpoint(run_dir, model, optim, extra: dict | None = None) -> dict:

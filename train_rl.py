@@ -59,7 +59,7 @@ import data
 import reward
 from model import encode_chat, load_tokenizer, stop_token_ids
 from sampler import Sampler, pad64
-from train_common import (Log, all_reduce, apply_recipe, autocast, build_model, check_resume, eval_line, eval_puzzles,
+from train_common import (Log, all_reduce, apply_recipe, autocast, build_model, check_data, check_resume, eval_line, eval_puzzles,
                           eval_source, evaluate, guarded, infer_dtype, inference_copy, init_distributed,
                           load_checkpoint, load_rows, local, lr_at, messages, model_card, pick_recipe,
                           prepare_run_dir, publish_model, save_checkpoint, shard, sync_weights, system_turn,
@@ -548,6 +548,8 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=None, help="checkpoint every k steps and at the end")
     a("--seed", type=int, default=0, help="seed for prompts, data order and sampling")
     a("--debug", action="store_true", help="show the traceback of a known failure (bad path, file or value)")
+    a("--force-resume", action="store_true", help="with --resume: go on even though data flags or the data's content "
+      "changed (refused otherwise: the run would mix two setups)")
     a("--no-progress", action="store_true", help="no progress bar")
     return resolve_defaults(p.parse_args(argv))
 
@@ -680,6 +682,9 @@ def main(argv=None):
     tok_dir = tokenizer_source(args.model, args.tokenizer)
     tok = load_tokenizer(tok_dir)
     stream = prompts(args)
+    data_hash = stream.fingerprint()
+    if start:
+        check_data(args.out, args, data_hash)
     steps = args.steps or (max(1, int(args.epochs * len(stream)) // args.prompts_per_step) if len(stream) else 100)
     model, model_dir = build_model(args.model, tok, device, args.seed)
     model.grad_checkpointing = args.grad_checkpointing
@@ -734,7 +739,7 @@ def main(argv=None):
                 failed = f"stopping: non-finite weights after step {step + 1}; no checkpoint written"
                 break
             save_checkpoint(args.out, model, optim, {"step": step + 1, "args": {**vars(args), "inject_nan":
-                            sorted(args.inject_nan)}}, model_dir or tok_dir, card)
+                            sorted(args.inject_nan)}, "data_hash": data_hash}, model_dir or tok_dir, card)
     bar.close()
     if failed is None and (start < steps or not os.path.exists(os.path.join(args.out, "model"))):
         run_eval(steps)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import data
 from model import Transformer, encode_chat, load_tokenizer
 from sampler import pad64
-from train_common import (Log, apply_recipe, autocast, build_model, check_resume, eval_line, eval_puzzles,
+from train_common import (Log, apply_recipe, autocast, build_model, check_data, check_resume, eval_line, eval_puzzles,
                           eval_source, evaluate, guarded, infer_dtype, inference_copy, init_distributed,
                           load_checkpoint, load_rows, local, lr_at, messages, pick_recipe, prepare_run_dir,
                           publish_model, save_checkpoint, shard, sync_weights, system_turn, tokenizer_source)
@@ -302,6 +302,8 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=None, help="checkpoint every k steps (and at the end)")
     a("--seed", type=int, default=0, help="seed for init, data order and augmentation")
     a("--debug", action="store_true", help="show the traceback of a known failure (bad path, file or value)")
+    a("--force-resume", action="store_true", help="with --resume: go on even though data flags or the data's content "
+      "changed (refused otherwise: the run would mix two setups)")
     a("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     args.recipe = pick_recipe(args.model, args.recipe)
@@ -356,6 +358,9 @@ def main(argv=None):
     stream = examples(args)
     if stream.rows is not None:
         stream.rows = rows_that_fit(stream.rows, tok, end_id, args)
+    data_hash = stream.fingerprint()
+    if start:
+        check_data(args.out, args, data_hash)
     if not args.steps and not len(stream):
         raise SystemExit("the embedded stream is endless: pass --steps")
     steps = args.steps or max(1, int(args.epochs * len(stream)) // args.batch_size)
@@ -408,8 +413,8 @@ def main(argv=None):
         if args.eval_every and (step + 1) % args.eval_every == 0 and not done:
             run_eval(step + 1)
         if (step + 1) % args.save_every == 0 or done:
-            save_checkpoint(args.out, model, optim, {"step": step + 1, "args": vars(args)}, model_dir or tok_dir,
-                            card, {"ema": ema.shadow} if ema else None, ema.swap if ema else None)
+            save_checkpoint(args.out, model, optim, {"step": step + 1, "args": vars(args), "data_hash": data_hash},
+                            model_dir or tok_dir, card, {"ema": ema.shadow} if ema else None, ema.swap if ema else None)
     bar.close()
     if start < steps or not os.path.exists(os.path.join(args.out, "model")):
         run_eval(steps)

@@ -148,6 +148,18 @@ def test_rl_share_by_hand(pbmc):
         data.PuzzleStream(0, cells=plain, pool="rl")
 
 
+def test_fingerprint_follows_content(pbmc):
+    """Equal for equal content (another object, another seed), different for one changed row or another pool."""
+    split, _ = pbmc
+    rows = take(data.PuzzleStream(0, cells=split), 5)
+    same = [data.parse_row(p.row(), "train") for p in rows]
+    assert data.PuzzleStream(0, rows=rows).fingerprint() == data.PuzzleStream(7, rows=same).fingerprint()
+    same[2].user = same[2].user.replace("Cell 1:", "Cell 1 :")
+    assert data.PuzzleStream(0, rows=rows).fingerprint() != data.PuzzleStream(0, rows=same).fingerprint()
+    cells = {pool: data.PuzzleStream(0, cells=split, pool=pool).fingerprint() for pool in ("train", "rl")}
+    assert cells["train"] != cells["rl"] and cells["rl"] == data.PuzzleStream(5, cells=split, pool="rl").fingerprint()
+
+
 @pytest.fixture
 def downsample_calls(monkeypatch):
     """The (counts, p_range) of every data.downsample call, in order, the real thinning still done."""

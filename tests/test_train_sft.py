@@ -484,3 +484,25 @@ def test_file_data_checks_before_step_1(tiny_dir, tmp_path):
     r = subprocess.run(base + named + ["--out", str(tmp_path / "c"), "--skip-bad"], env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "left out 1 rows" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_resume_refuses_changed_file_content(tiny_dir, tmp_path):
+    """The same --data path with one row changed: resuming is refused naming --data and the override; with
+    --force-resume it goes on, with a warning. Unchanged content resumes silently."""
+    cells = data.embedded()
+    stream = data.PuzzleStream(0, cells=cells, teacher=data.fit_embedded_teacher(cells))
+    rows = [stream[i] for i in range(4)]
+    path = tmp_path / "reasoning.jsonl"
+    data.write_jsonl(rows, str(path))
+    base = [sys.executable, os.path.join(ROOT, "train_sft.py"), "--model", tiny_dir, "--data", str(path), "--split",
+            "reasoning", "--eval-data", str(path), "--batch-size", "2", "--micro-batch", "2", "--eval-puzzles", "1",
+            "--eval-max-new-tokens", "4", "--no-progress", "--out", str(tmp_path / "r")]
+    run(base + ["--steps", "2"])
+    run(base + ["--steps", "2", "--resume"])  # same content: resumes (a finished run: nothing left to do)
+    rows[1].assistant = rows[1].assistant.replace("Cell 1:", "Cell 1 :")
+    data.write_jsonl(rows, str(path))
+    r = subprocess.run(base + ["--steps", "2", "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--data" in r.stderr and "content changed" in r.stderr, r.stderr[-2000:]
+    assert "--force-resume" in r.stderr and "Traceback" not in r.stderr
+    r = run(base + ["--steps", "2", "--resume", "--force-resume"])
+    assert "warning: --force-resume" in r.stderr
