@@ -123,10 +123,29 @@ def guarded(main) -> None:
         print("\ninterrupted: the same command with --resume goes on from the last checkpoint", file=sys.stderr)
         sys.exit(130)
     except (OSError, ValueError) as e:
+        remove_unstarted_run_dir()
         if debug:
             raise
         print(f"error: {e} (--debug shows the traceback)", file=sys.stderr)
         sys.exit(1)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            remove_unstarted_run_dir()
+        raise
+
+
+def remove_unstarted_run_dir() -> None:
+    """A run that fails before it wrote anything (a bad path, a failed load, a refused flag) leaves no folder behind,
+    if it created the folder: an empty one would look like a run to resume. A log or checkpoint keeps it. Rank 0."""
+    global _LOCK
+    if _CREATED is None or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    kept = [f for f in os.listdir(_CREATED) if f != ".lock"] if os.path.isdir(_CREATED) else []
+    if not any(os.path.isdir(os.path.join(_CREATED, f)) or os.path.getsize(os.path.join(_CREATED, f)) for f in kept):
+        if _LOCK is not None:
+            _LOCK.close()
+            _LOCK = None
+        shutil.rmtree(_CREATED, ignore_errors=True)
 
 
 def world_size() -> int:
@@ -369,15 +388,18 @@ def publish_model(run_dir: str) -> None:
 
 
 _LOCK = None  # the open run-folder lock file: held for the life of the process, released by the OS when it dies
+_CREATED = None  # the run folder, when this process created it (removed again if the run fails before a checkpoint)
 
 
 def lock_run_dir(run_dir: str) -> None:
     """Take <run>/.lock (rank 0, flock, held until the process ends); every rank refuses to go on, in one sentence,
     when another live run holds it: two runs writing one folder would corrupt its checkpoint and log."""
-    global _LOCK
+    global _LOCK, _CREATED
     held = False
     if dist.get_rank() == 0:
         import fcntl
+        if not os.path.exists(run_dir):
+            _CREATED = run_dir
         os.makedirs(run_dir, exist_ok=True)
         _LOCK = open(os.path.join(run_dir, ".lock"), "a+")
         try:

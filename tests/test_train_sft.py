@@ -448,8 +448,12 @@ def test_known_failures_print_one_sentence(tmp_path):
            str(tmp_path / "r"), "--steps", "1", "--no-progress"]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error: "), r.stderr
+    assert not (tmp_path / "r").exists()  # the folder it created is gone again: nothing to mistake for a run
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
     r = subprocess.run(cmd + ["--debug"], env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine"  # a folder it did not create is left alone
 
 
 def test_ctrl_c_says_how_to_resume(tiny_dir, tmp_path):
