@@ -152,3 +152,34 @@ def test_export_command_writes_what_export_writes(tmp_path):
     for name in ("train", "reasoning", "test"):
         want = (b / f"{name}.jsonl").read_bytes()
         assert (a / f"{name}.jsonl").read_bytes() == want == (tmp_path / "cli_old" / f"{name}.jsonl").read_bytes()
+
+
+def test_reader_on_a_hand_written_matrix(tmp_path):
+    x = np.array([[0, 3, 1, 3], [5, 0, 0, 2]], dtype=np.float32)
+    obs = pd.DataFrame({"cell_type": ["a", "b"], "donor_id": ["d", "d"]}, index=["c0", "c1"])
+    ad = anndata.AnnData(sparse.csr_matrix(x), obs=obs, var=pd.DataFrame(index=["A", "B", "C", "D"]))
+    ad.write_h5ad(tmp_path / "h.h5ad")
+    cells = data.read_h5ad_cells(str(tmp_path / "h.h5ad"), data.ObsKeys(gene="index", context=("-",) * 5), 3)
+    # ties keep column order (B before D), zeros are never listed
+    assert [list(cells.genes[c]) for c in cells.cols] == [["B", "D", "C"], ["A", "D"]]
+
+
+def test_build_pbmc_recovers_counts_through_the_reader():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_pbmc", os.path.join(ROOT, "scripts", "build_pbmc.py"))
+    build_pbmc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_pbmc)
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(3, (6, 12)) * (rng.random((6, 12)) < 0.6)
+    counts[:, 0] = 1                                  # the smallest nonzero count of every cell is 1
+    total = counts.sum(1) + 100                       # n_counts covers genes outside the stored ones
+    logs = np.round(np.log1p(counts * (1e4 / total)[:, None]), 3).astype(np.float32)
+    obs = pd.DataFrame({"bulk_labels": list("xyxyxz"), "n_counts": total.astype(float)},
+                       index=[f"bc{i}" for i in range(6)])
+    genes = pd.DataFrame(index=[f"g{i}" for i in range(12)])
+    ad = anndata.AnnData(np.zeros((6, 12), dtype=np.float32), obs=obs, var=genes)
+    ad.raw = anndata.AnnData(sparse.csr_matrix(logs), obs=obs, var=genes)
+    z = build_pbmc.pbmc_arrays(ad, "test")
+    assert np.array_equal(z["counts"], counts) and z["counts"].dtype == np.uint16
+    assert list(z["genes"]) == list(genes.index) and list(z["labels"]) == list("xyxyxz")
+    assert list(z["barcodes"]) == list(obs.index) and str(z["donor"]) == "pbmc68k_donor_A"
