@@ -26,6 +26,11 @@ Where our builder differs from the released pipeline (data/match_qa.py), on purp
     binomial down-sampling of their UMI counts every time a train puzzle is built (augment): a new, faithful top-gene
     list of the same cell. Test cells are never augmented. RELEASED holds the released settings (50 genes, N 8-15).
 
+Your own cells: `python data.py build --h5ad FILE ... --out DIR` reads labelled AnnData files (anndata, an optional
+dependency; CELLxGENE obs/var names by default, see ObsKeys), keeps each cell's top genes (read in row chunks, never
+the whole matrix dense), splits the cells as above (test, GRPO's, SFT's) and writes the released layout with
+export_rows, plus cells.tsv (each cell's split) and a summary. `python data.py export OUT` writes the embedded data's.
+
 Teacher traces (SFT data where there is no reasoning split): a marker model fitted on train cells only (log-odds
 of a gene being in a type's top-gene lists vs the other types'), one-to-one assignment by the Hungarian algorithm,
 and a short trace in the paper's spirit (marker genes per cell, the constraint settling conflicts). As in the
@@ -538,7 +543,8 @@ def known(value: str) -> str | None:
 def obs_column(adata, key: str, path: str, flag: str) -> np.ndarray:
     """obs[key] as str (a missing categorical value reads "nan"); ValueError naming the column and file if absent."""
     if key not in adata.obs.columns:
-        raise ValueError(f"{path}: obs has no column {key!r} ({flag}; columns: {', '.join(map(str, adata.obs.columns))})")
+        columns = ", ".join(map(str, adata.obs.columns))
+        raise ValueError(f"{path}: obs has no column {key!r} ({flag}; columns: {columns})")
     return adata.obs[key].astype(str).to_numpy()
 
 
@@ -564,12 +570,12 @@ def expression_matrix(adata, layer: str, gene_key: str, path: str):
 
 def dense_rows(matrix, rows: np.ndarray, chunk: int = 512):
     """Yield float64 blocks of len(rows[i:i + chunk]) x genes for the sorted row indices `rows`: one contiguous slice
-    of the (possibly sparse, possibly backed) matrix per chunk, densified alone, so a large matrix is never dense."""
+    of the (possibly sparse, possibly backed) matrix per chunk, its wanted rows taken while still sparse and only they
+    densified, so a large matrix is never dense."""
     for lo in range(0, len(rows), chunk):
         idx = rows[lo:lo + chunk]
-        block = matrix[int(idx[0]):int(idx[-1]) + 1]
-        block = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
-        yield np.asarray(block[idx - idx[0]], dtype=np.float64)
+        block = matrix[int(idx[0]):int(idx[-1]) + 1][idx - idx[0]]
+        yield np.asarray(block.toarray() if hasattr(block, "toarray") else block, dtype=np.float64)
 
 
 def top_columns(block: np.ndarray, k: int | None) -> list[np.ndarray]:
@@ -657,11 +663,11 @@ def merge_cells(parts: list[SparseCells]) -> CellData:
 
 def check_n_range(split: CellSplit, n_range: tuple[int, int]) -> None:
     """Every pool needs a donor with at least the smallest N types: ValueError naming the pool and its best donor."""
+    d = split.data
     for pool in ("train", "rl", "test"):
         ids = getattr(split, pool)
         if not len(ids):
             continue
-        d = split.data
         per_donor = {str(x): len(set(d.labels[ids][d.donors[ids] == x].tolist())) for x in set(d.donors[ids].tolist())}
         best = max(per_donor, key=per_donor.get)
         if per_donor[best] < n_range[0]:

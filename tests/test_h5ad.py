@@ -46,9 +46,10 @@ def cellxgene_like(per_type: int = 14, nuclei: int = 3, seed: int = 0):
     return anndata.AnnData(sparse.csr_matrix(counts), obs=obs, var=var), counts
 
 
-def oracle_top(counts_row: np.ndarray, k: int) -> list[str]:
-    """Top-k genes by a plain sort on (-value, column): the independent recompute of the rule."""
-    order = sorted(range(len(counts_row)), key=lambda g: (-counts_row[g], g))
+def oracle_top(counts_row: np.ndarray, k: int, reversed_columns: bool = False) -> list[str]:
+    """Top-k genes by a plain sort on (-value, column): the independent recompute of the rule. reversed_columns: the
+    file stores the genes in reverse order, so ties go to the later gene."""
+    order = sorted(range(len(counts_row)), key=lambda g: (-counts_row[g], -g if reversed_columns else g))
     return [f"G{g:02d}" for g in order[:k] if counts_row[g] > 0]
 
 
@@ -183,3 +184,34 @@ def test_build_pbmc_recovers_counts_through_the_reader():
     assert np.array_equal(z["counts"], counts) and z["counts"].dtype == np.uint16
     assert list(z["genes"]) == list(genes.index) and list(z["labels"]) == list("xyxyxz")
     assert list(z["barcodes"]) == list(obs.index) and str(z["donor"]) == "pbmc68k_donor_A"
+
+
+def test_build_pools_the_cells_of_several_files(tmp_path):
+    ad, counts = cellxgene_like(nuclei=0)
+    paths = []
+    for donor in ("A", "B"):
+        part = ad[(ad.obs["donor_id"] == donor).to_numpy()].copy()
+        if donor == "B":                                   # another gene order in file 2
+            part = part[:, part.var.index[::-1]].copy()
+        paths.append(str(tmp_path / f"{donor}.h5ad"))
+        part.write_h5ad(paths[-1])
+    split, rows, summary = data.build(paths, str(tmp_path / "out"), cfg=data.PuzzleConfig(n_genes=6, n_range=(3, 4),
+                                      augment=False), n_train=4, per_n=1)
+    assert summary["cells"] == len(counts) and summary["donors"] == 2
+    table = [ln.split("\t") for ln in open(tmp_path / "out" / "cells.tsv")][1:]
+    assert [f for f, *_ in table] == ["A.h5ad"] * (len(counts) // 2) + ["B.h5ad"] * (len(counts) // 2)
+    # a cell's listed genes are its top 6 in its own file's column order (ties among them follow file A's order)
+    for i, (file, name, *_) in enumerate(table):
+        row = counts[int(name.removeprefix("cell"))]
+        want = oracle_top(row, 6, reversed_columns=file == "B.h5ad")
+        assert set(data.top_genes(split.data.values[i], split.data.genes, 6)) == set(want)
+
+
+@pytest.mark.parametrize("kind", ["csr", "csc", "dense"])
+def test_dense_rows_in_chunks_is_the_selected_rows(kind):
+    x = np.random.default_rng(2).poisson(1, (50, 9)).astype(np.float32)
+    matrix = {"csr": sparse.csr_matrix, "csc": sparse.csc_matrix, "dense": np.asarray}[kind](x)
+    rows = np.array([0, 3, 4, 17, 18, 30, 49])
+    blocks = list(data.dense_rows(matrix, rows, chunk=3))
+    assert [b.shape for b in blocks] == [(3, 9), (3, 9), (1, 9)] and all(b.dtype == np.float64 for b in blocks)
+    assert np.array_equal(np.concatenate(blocks), x[rows])
