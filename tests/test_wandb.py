@@ -26,14 +26,22 @@ def init(project=None, config=None, name=None):
 '''
 
 
-def sft(tiny_dir, out, env):
-    cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), "--model", tiny_dir, "--out", str(out), "--steps", "2",
-           "--batch-size", "2", "--micro-batch", "2", "--eval-puzzles", "1", "--eval-max-new-tokens", "4",
-           "--no-progress", "--wandb", "cello-test"]
+TRAINERS = {
+    "sft": ["train_sft.py", "--batch-size", "2", "--micro-batch", "2"],
+    "rl": ["train_rl.py", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--probe-puzzles",
+           "0", "--system", "short"],
+}
+
+
+def train(tiny_dir, out, env, trainer="sft"):
+    """A 2-step run with --wandb cello-test; returns its JSONL log records."""
+    script, *flags = TRAINERS[trainer]
+    cmd = [sys.executable, os.path.join(ROOT, script), "--model", tiny_dir, "--out", str(out), "--steps", "2",
+           *flags, "--eval-puzzles", "1", "--eval-max-new-tokens", "4", "--no-progress", "--wandb", "cello-test"]
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return [json.loads(ln) for ln in open(out / "sft_log.jsonl")]
+    return [json.loads(ln) for ln in open(out / f"{trainer}_log.jsonl")]
 
 
 def numbers(record: dict) -> dict:
@@ -49,12 +57,13 @@ def numbers(record: dict) -> dict:
     return flat
 
 
-def test_every_log_record_goes_to_wandb_log(tiny_dir, tmp_path):
+@pytest.mark.parametrize("trainer", ["sft", "rl"])
+def test_every_log_record_goes_to_wandb_log(tiny_dir, tmp_path, trainer):
     (tmp_path / "fake").mkdir()
     (tmp_path / "fake" / "wandb.py").write_text(FAKE_WANDB)
     calls = tmp_path / "calls.jsonl"
-    records = sft(tiny_dir, tmp_path / "run", {"PYTHONPATH": f"{tmp_path / 'fake'}:{ROOT}",
-                                                "FAKE_WANDB_CALLS": str(calls)})
+    records = train(tiny_dir, tmp_path / "run", {"PYTHONPATH": f"{tmp_path / 'fake'}:{ROOT}",
+                                                  "FAKE_WANDB_CALLS": str(calls)}, trainer)
     got = [json.loads(ln) for ln in open(calls)]
     meta = json.load(open(tmp_path / "run" / "checkpoint" / "meta.json"))
     assert got[0] == {"call": "init", "project": "cello-test", "config": meta["args"], "name": "run"}
@@ -81,7 +90,7 @@ def wandb_records(path: str):
 def test_offline_wandb_run_holds_the_jsonl_metrics(tiny_dir, tmp_path):
     pytest.importorskip("wandb")
     from wandb.proto import wandb_internal_pb2 as pb
-    records = sft(tiny_dir, tmp_path / "run", {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "PYTHONPATH": ROOT,
+    records = train(tiny_dir, tmp_path / "run", {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "PYTHONPATH": ROOT,
                                                "WANDB_SILENT": "true"})
     (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
     history, config = [], {}
