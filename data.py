@@ -637,28 +637,36 @@ def read_h5ad_cells(path: str, keys: ObsKeys = ObsKeys(), n_genes: int | None = 
     return SparseCells(genes, cols, vals, labels[rows], donors[rows], contexts[rows], names, integer)
 
 
-def merge_cells(parts: list[SparseCells]) -> CellData:
-    """One CellData over the genes any cell lists: the first file's in its column order, then each next file's new
-    ones in its order. A cell's row holds its kept values, 0 elsewhere, so top_genes of it is its file's list (ties
-    among a later file's genes follow this order). `counts`: every value an integer. A donor seen
-    with two context sentences (two tissues, two files) becomes one group per sentence: a puzzle's cells share both."""
+def merge_cells(parts: list[SparseCells], ranks: bool = True) -> CellData:
+    """One CellData over the genes any cell keeps: the first file's in its column order, then each next file's new
+    ones in its order. ranks (cells read with a top-K, no augmentation): a row holds K, K-1, ... (int16: signed, as
+    top_genes negates) on the cell's listed genes and 0 elsewhere, so top_genes of it is exactly its file's list
+    whatever the files' gene orders, at 2 bytes per cell x gene; `counts` is then False (ranks cannot be
+    down-sampled). Else a row holds the cell's values (int64 when every value of every file is an integer: `counts`;
+    else float64)."""
     index: dict[str, int] = {}
     for part in parts:
         for g in part.genes[np.unique(np.concatenate(part.cols))]:   # the file's column order
             index.setdefault(str(g), len(index))
-    integer = all(p.integer for p in parts)
-    n = sum(len(p.cols) for p in parts)
-    values = np.zeros((n, len(index)), dtype=np.int64 if integer else np.float64)
+    integer = all(p.integer for p in parts) and not ranks
+    dtype = np.int16 if ranks else np.int64 if integer else np.float64
+    values = np.zeros((sum(len(p.cols) for p in parts), len(index)), dtype=dtype)
     row = 0
     for part in parts:
         for c, v in zip(part.cols, part.vals):
-            values[row, [index[str(g)] for g in part.genes[c]]] = v
+            values[row, [index[str(g)] for g in part.genes[c]]] = np.arange(len(c), 0, -1) if ranks else v
             row += 1
-    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
-    donors, contexts = cat("donors"), cat("contexts")
+    labels, donors, contexts = (np.concatenate([getattr(p, k) for p in parts])
+                                for k in ("labels", "donors", "contexts"))
+    return CellData(values, np.array(list(index), dtype=str), labels, donor_groups(donors, contexts), contexts,
+                    counts=integer)
+
+
+def donor_groups(donors: np.ndarray, contexts: np.ndarray) -> np.ndarray:
+    """The sampler's donor per cell: the donor id, or "id | context" for a donor seen with several context sentences
+    (two tissues, two files), so a puzzle's cells share their donor and their context."""
     many = {d for d in set(donors.tolist()) if len(set(contexts[donors == d].tolist())) > 1}
-    groups = np.array([f"{d} | {x.strip()}" if d in many else d for d, x in zip(donors, contexts)])
-    return CellData(values, np.array(list(index), dtype=str), cat("labels"), groups, contexts, counts=integer)
+    return np.array([f"{d} | {x.strip()}" if d in many else d for d, x in zip(donors, contexts)])
 
 
 def check_n_range(split: CellSplit, n_range: tuple[int, int]) -> None:
@@ -675,9 +683,10 @@ def check_n_range(split: CellSplit, n_range: tuple[int, int]) -> None:
                              f"with {per_donor[best]}): lower --n-range or add cells")
 
 
-def build_summary(split: CellSplit, rows: dict[str, list[Puzzle]], cfg: PuzzleConfig, files: list[str]) -> dict:
+def build_summary(split: CellSplit, rows: dict[str, list[Puzzle]], cfg: PuzzleConfig, files: list[str],
+                  integer: bool) -> dict:
     """Cells, types and donors per split, puzzles per N, and the teacher's and per-cell argmax baselines on test
-    (reward.metrics of their answers, as pipeline.baselines scores them)."""
+    (reward.metrics of their answers, as pipeline.baselines scores them). integer: the matrix read is counts."""
     import reward
     d = split.data
     test = rows["test"]
@@ -688,7 +697,7 @@ def build_summary(split: CellSplit, rows: dict[str, list[Puzzle]], cfg: PuzzleCo
     pools = {"test": split.test, "rl (train.jsonl)": split.rl, "sft (reasoning.jsonl)": split.train}
     return {"files": [os.path.basename(f) for f in files], "cells": len(d.labels), "genes": len(d.genes),
             "types": {str(t): int((d.labels == t).sum()) for t in sorted(set(d.labels.tolist()))},
-            "donors": len(set(d.donors.tolist())), "counts": d.counts, "config": asdict(cfg),
+            "donors": len(set(d.donors.tolist())), "integer_counts": integer, "config": asdict(cfg),
             "cells_per_split": {k: len(v) for k, v in pools.items()},
             "puzzles_per_n": {k: {str(n): sum(p.n == n for p in v) for n in sorted({p.n for p in v})}
                               for k, v in rows.items()},
@@ -697,9 +706,10 @@ def build_summary(split: CellSplit, rows: dict[str, list[Puzzle]], cfg: PuzzleCo
 
 def summary_markdown(s: dict) -> str:
     types = ", ".join(f"{t} {k}" for t, k in s["types"].items())
+    matrix = "integer counts" if s["integer_counts"] else "not integer counts"
     lines = [f"# CellPuzzles built from {', '.join(s['files'])}", "",
              f"{s['cells']} cells, {s['genes']} genes listed, {len(s['types'])} types, {s['donors']} donor groups; "
-             f"{'integer counts' if s['counts'] else 'not integer counts'}.", "", f"Types (cells): {types}.", "",
+             f"{matrix}.", "", f"Types (cells): {types}.", "",
              "Cells per split: " + ", ".join(f"{k} {v}" for k, v in s["cells_per_split"].items()) + ".", ""]
     lines += [f"Puzzles per N, {k}: " + ", ".join(f"N={n}: {c}" for n, c in v.items()) + "."
               for k, v in s["puzzles_per_n"].items()]
@@ -727,15 +737,17 @@ def build(files: list[str], out_dir: str, keys: ObsKeys = ObsKeys(), cfg: Puzzle
     into out_dir.tmp, renamed to out_dir at the end: a failure leaves no out_dir. Returns (split, rows, summary)."""
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} already exists: remove it or choose another --out")
+    if not 1 <= cfg.n_genes < 2**15 or not 2 <= cfg.n_range[0] <= cfg.n_range[1]:
+        raise ValueError(f"--n-genes {cfg.n_genes} must be 1..32767 and --n-range {cfg.n_range} 2 <= LO <= HI")
     parts = [read_h5ad_cells(f, keys, None if cfg.augment else cfg.n_genes) for f in files]
-    data = merge_cells(parts)
+    data = merge_cells(parts, ranks=not cfg.augment)
     if cfg.augment and not data.counts:
         raise ValueError(f"--augment down-samples UMI counts, but the {keys.layer} matrix of {', '.join(files)} is not "
                          "integer counts: name a counts layer (--layer) or leave --augment out")
     split = split_cells(data, cfg.test_frac, cfg.split_seed, rl_frac=cfg.rl_frac)
     check_n_range(split, cfg.n_range)
     rows = export_rows(split, cfg, n_train, per_n, seed)
-    summary = build_summary(split, rows, cfg, files)
+    summary = build_summary(split, rows, cfg, files, all(p.integer for p in parts))
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
