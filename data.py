@@ -614,7 +614,11 @@ def read_h5ad_cells(path: str, keys: ObsKeys = ObsKeys(), n_genes: int | None = 
     filter: no single nuclei). The matrix is read in row chunks (dense_rows): memory is one chunk plus the result."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    adata = import_anndata().read_h5ad(path, backed="r")
+    anndata = import_anndata()
+    try:
+        adata = anndata.read_h5ad(path, backed="r")
+    except OSError as e:  # h5py's message does not name the file
+        raise OSError(f"{path} is not a readable .h5ad file ({e})") from None
     labels = obs_column(adata, keys.label, path, "--label-key")
     donors = obs_column(adata, keys.donor, path, "--donor-key")
     contexts = context_sentences(adata, keys.context, path)

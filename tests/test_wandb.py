@@ -90,8 +90,8 @@ def wandb_records(path: str):
 def test_offline_wandb_run_holds_the_jsonl_metrics(tiny_dir, tmp_path):
     pytest.importorskip("wandb")
     from wandb.proto import wandb_internal_pb2 as pb
-    records = train(tiny_dir, tmp_path / "run", {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "PYTHONPATH": ROOT,
-                                               "WANDB_SILENT": "true"})
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "PYTHONPATH": ROOT}
+    records = train(tiny_dir, tmp_path / "run", env)
     (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
     history, config = [], {}
     for data in wandb_records(path):
