@@ -26,6 +26,11 @@ Where our builder differs from the released pipeline (data/match_qa.py), on purp
     binomial down-sampling of their UMI counts every time a train puzzle is built (augment): a new, faithful top-gene
     list of the same cell. Test cells are never augmented. RELEASED holds the released settings (50 genes, N 8-15).
 
+Your own cells: `python data.py build --h5ad FILE ... --out DIR` reads labelled AnnData files (anndata, an optional
+dependency; CELLxGENE obs/var names by default, see ObsKeys), keeps each cell's top genes (read in row chunks, never
+the whole matrix dense), splits the cells as above (test, GRPO's, SFT's) and writes the released layout with
+export_rows, plus cells.tsv (each cell's split) and a summary. `python data.py export OUT` writes the embedded data's.
+
 Teacher traces (SFT data where there is no reasoning split): a marker model fitted on train cells only (log-odds
 of a gene being in a type's top-gene lists vs the other types'), one-to-one assignment by the Hungarian algorithm,
 and a short trace in the paper's spirit (marker genes per cell, the constraint settling conflicts). As in the
@@ -38,7 +43,9 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -480,20 +487,288 @@ def embedded(cfg: PuzzleConfig = CPU) -> CellSplit:
     return split_cells(load_pbmc(), cfg.test_frac, cfg.split_seed, rl_frac=cfg.rl_frac)
 
 
-def export(split: CellSplit, out_dir: str, cfg: PuzzleConfig = CPU, n_train: int = 5000, per_n: int = 50,
-           seed: int = 0) -> dict[str, int]:
-    """Write a released-layout folder: train.jsonl (gold answers: GRPO's rows, drawn from the rl cells when the
-    split has them), reasoning.jsonl (accepted teacher traces on puzzles of the SFT cells, none of them the same draw
-    as a train.jsonl row) and test.jsonl. Returns row counts."""
-    os.makedirs(out_dir, exist_ok=True)
+def export_rows(split: CellSplit, cfg: PuzzleConfig = CPU, n_train: int = 5000, per_n: int = 50,
+                seed: int = 0) -> dict[str, list[Puzzle]]:
+    """The puzzles of a released-layout folder: train (gold answers: GRPO's rows, drawn from the rl cells when the
+    split has them), reasoning (accepted teacher traces on puzzles of the SFT cells, none of them the same draw as a
+    train row) and test."""
     teacher = fit_embedded_teacher(split, cfg, seed=seed)
     train = PuzzleStream(seed, cells=split, cfg=cfg, pool="rl" if len(split.rl) else "train")
     reasoning = PuzzleStream(seed + 1, cells=split, cfg=cfg, teacher=teacher)
-    rows = {"train": [train[i] for i in range(n_train)], "reasoning": [reasoning[i] for i in range(n_train)],
+    return {"train": [train[i] for i in range(n_train)], "reasoning": [reasoning[i] for i in range(n_train)],
             "test": test_puzzles(split, cfg, per_n, seed)}
+
+
+def export(split: CellSplit, out_dir: str, cfg: PuzzleConfig = CPU, n_train: int = 5000, per_n: int = 50,
+           seed: int = 0) -> dict[str, int]:
+    """Write export_rows() as train.jsonl, reasoning.jsonl and test.jsonl under out_dir. Returns row counts."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = export_rows(split, cfg, n_train, per_n, seed)
     for name, puzzles in rows.items():
         write_jsonl(puzzles, os.path.join(out_dir, f"{name}.jsonl"))
     return {k: len(v) for k, v in rows.items()}
+
+
+# ----------------------------------------------------------------------------- puzzles from labelled AnnData (.h5ad)
+
+# CELLxGENE obs columns of the donor context, in context_sentence's argument order.
+CONTEXT_KEYS = ("tissue", "disease", "sex", "development_stage", "self_reported_ethnicity")
+MISSING = {"", "nan", "unknown", "none", "na"}   # obs values that say nothing (case-insensitive): left out
+
+
+@dataclass(frozen=True)
+class ObsKeys:
+    """Where a .h5ad file keeps what a puzzle needs: obs columns, the gene-name column of var ("index": var_names)
+    and the matrix (".X", a layer name, or "raw" for .raw.X with .raw.var). A context key "-" leaves that field out."""
+    label: str = "cell_type"
+    donor: str = "donor_id"
+    gene: str = "feature_name"
+    layer: str = ".X"
+    context: tuple[str, ...] = CONTEXT_KEYS
+
+
+def import_anndata():
+    try:
+        import anndata
+    except ImportError:
+        raise ImportError("reading .h5ad files needs anndata, which is not installed: pip install anndata") from None
+    return anndata
+
+
+def known(value: str) -> str | None:
+    """An obs value, or None when it is one of MISSING (nan, unknown, none, na, empty; any case)."""
+    return None if value.strip().lower() in MISSING else value
+
+
+def obs_column(adata, key: str, path: str, flag: str) -> np.ndarray:
+    """obs[key] as str (a missing categorical value reads "nan"); ValueError naming the column and file if absent."""
+    if key not in adata.obs.columns:
+        columns = ", ".join(map(str, adata.obs.columns))
+        raise ValueError(f"{path}: obs has no column {key!r} ({flag}; columns: {columns})")
+    return adata.obs[key].astype(str).to_numpy()
+
+
+def expression_matrix(adata, layer: str, gene_key: str, path: str):
+    """(matrix, gene names as str): .X, a layer or .raw.X (dense, CSR or CSC; in memory or backed)."""
+    if layer == "raw":
+        if adata.raw is None:
+            raise ValueError(f"{path} has no .raw matrix (--layer raw)")
+        matrix, var = adata.raw.X, adata.raw.var
+    elif layer in (".X", "X"):
+        matrix, var = adata.X, adata.var
+    elif layer in adata.layers:
+        matrix, var = adata.layers[layer], adata.var
+    else:
+        raise ValueError(f"{path} has no layer {layer!r} (--layer; layers: {', '.join(adata.layers) or 'none'}; "
+                         f"'.X' or 'raw' for the others)")
+    if gene_key == "index":
+        return matrix, np.asarray(var.index).astype(str)
+    if gene_key not in var.columns:
+        raise ValueError(f"{path}: var has no column {gene_key!r} (--gene-key; 'index' uses var_names)")
+    return matrix, var[gene_key].astype(str).to_numpy()
+
+
+def dense_rows(matrix, rows: np.ndarray, chunk: int = 512):
+    """Yield float64 blocks of len(rows[i:i + chunk]) x genes for the sorted row indices `rows`: one contiguous slice
+    of the (possibly sparse, possibly backed) matrix per chunk, its wanted rows taken while still sparse and only they
+    densified, so a large matrix is never dense."""
+    for lo in range(0, len(rows), chunk):
+        idx = rows[lo:lo + chunk]
+        block = matrix[int(idx[0]):int(idx[-1]) + 1][idx - idx[0]]
+        yield np.asarray(block.toarray() if hasattr(block, "toarray") else block, dtype=np.float64)
+
+
+def top_columns(block: np.ndarray, k: int | None) -> list[np.ndarray]:
+    """Per row of a cells x genes block, the columns top_genes(row, genes, k) lists (descending, ties in column
+    order, zeros never); k None: every expressed column, in column order."""
+    if k is None:
+        return [np.flatnonzero(r > 0) for r in block]
+    order = np.argsort(-block, axis=1, kind="stable")[:, :k]
+    return [o[r[o] > 0] for o, r in zip(order, block)]
+
+
+@dataclass
+class SparseCells:
+    """Cells of one file reduced to the entries a puzzle can list: per cell its columns (into genes) and values."""
+    genes: np.ndarray
+    cols: list[np.ndarray]
+    vals: list[np.ndarray]
+    labels: np.ndarray
+    donors: np.ndarray
+    contexts: np.ndarray
+    names: np.ndarray          # obs_names
+    integer: bool              # every value a non-negative integer (UMI counts)
+
+
+def context_sentences(adata, keys: tuple[str, ...], path: str) -> np.ndarray:
+    """context_sentence() per cell from the obs columns `keys` (CONTEXT_KEYS order; "-": none); MISSING values out."""
+    cols = [obs_column(adata, k, path, "--context-keys; '-' leaves a field out") if k != "-" else None for k in keys]
+    fields = [tuple(known(c[i]) if c is not None else None for c in cols) for i in range(adata.n_obs)]
+    sentence = {f: context_sentence(*f) for f in set(fields)}
+    return np.array([sentence[f] for f in fields], dtype=object).astype(str)
+
+
+def read_h5ad_cells(path: str, keys: ObsKeys = ObsKeys(), n_genes: int | None = 50) -> SparseCells:
+    """One .h5ad file -> its labelled cells, each reduced to its top n_genes entries (None: all expressed). Kept:
+    cells with a known label (not MISSING), and when obs has `suspension_type` only "cell" rows (the authors'
+    filter: no single nuclei). The matrix is read in row chunks (dense_rows): memory is one chunk plus the result."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    anndata = import_anndata()
+    try:
+        adata = anndata.read_h5ad(path, backed="r")
+    except OSError as e:  # h5py's message does not name the file
+        raise OSError(f"{path} is not a readable .h5ad file ({e})") from None
+    labels = obs_column(adata, keys.label, path, "--label-key")
+    donors = obs_column(adata, keys.donor, path, "--donor-key")
+    contexts = context_sentences(adata, keys.context, path)
+    matrix, genes = expression_matrix(adata, keys.layer, keys.gene, path)
+    keep = np.array([known(t) is not None for t in labels])
+    if "suspension_type" in adata.obs.columns:
+        keep &= obs_column(adata, "suspension_type", path, "") == "cell"
+    rows = np.flatnonzero(keep)
+    if not len(rows):
+        raise ValueError(f"{path}: no labelled cell left (obs {keys.label!r} known and suspension_type 'cell')")
+    cols, vals, integer = [], [], True
+    for block in dense_rows(matrix, rows):
+        integer &= bool(np.all(block >= 0) and np.array_equal(block, np.round(block)))
+        for r, c in zip(block, top_columns(block, n_genes)):
+            cols.append(c)
+            vals.append(r[c])
+    names = np.asarray(adata.obs_names).astype(str)[rows]
+    if getattr(adata, "file", None) is not None and adata.isbacked:
+        adata.file.close()
+    return SparseCells(genes, cols, vals, labels[rows], donors[rows], contexts[rows], names, integer)
+
+
+def merge_cells(parts: list[SparseCells], ranks: bool = True) -> CellData:
+    """One CellData over the genes any cell keeps: the first file's in its column order, then each next file's new
+    ones in its order. ranks (cells read with a top-K, no augmentation): a row holds K, K-1, ... (int16: signed, as
+    top_genes negates) on the cell's listed genes and 0 elsewhere, so top_genes of it is exactly its file's list
+    whatever the files' gene orders, at 2 bytes per cell x gene; `counts` is then False (ranks cannot be
+    down-sampled). Else a row holds the cell's values (int64 when every value of every file is an integer: `counts`;
+    else float64)."""
+    index: dict[str, int] = {}
+    for part in parts:
+        for g in part.genes[np.unique(np.concatenate(part.cols))]:   # the file's column order
+            index.setdefault(str(g), len(index))
+    integer = all(p.integer for p in parts) and not ranks
+    dtype = np.int16 if ranks else np.int64 if integer else np.float64
+    values = np.zeros((sum(len(p.cols) for p in parts), len(index)), dtype=dtype)
+    row = 0
+    for part in parts:
+        for c, v in zip(part.cols, part.vals):
+            values[row, [index[str(g)] for g in part.genes[c]]] = np.arange(len(c), 0, -1) if ranks else v
+            row += 1
+    labels, donors, contexts = (np.concatenate([getattr(p, k) for p in parts])
+                                for k in ("labels", "donors", "contexts"))
+    return CellData(values, np.array(list(index), dtype=str), labels, donor_groups(donors, contexts), contexts,
+                    counts=integer)
+
+
+def donor_groups(donors: np.ndarray, contexts: np.ndarray) -> np.ndarray:
+    """The sampler's donor per cell: the donor id, or "id | context" for a donor seen with several context sentences
+    (two tissues, two files), so a puzzle's cells share their donor and their context."""
+    many = {d for d in set(donors.tolist()) if len(set(contexts[donors == d].tolist())) > 1}
+    return np.array([f"{d} | {x.strip()}" if d in many else d for d, x in zip(donors, contexts)])
+
+
+def check_n_range(split: CellSplit, n_range: tuple[int, int]) -> None:
+    """Every pool needs a donor with at least the smallest N types: ValueError naming the pool and its best donor."""
+    d = split.data
+    for pool in ("train", "rl", "test"):
+        ids = getattr(split, pool)
+        if not len(ids):
+            continue
+        per_donor = {str(x): len(set(d.labels[ids][d.donors[ids] == x].tolist())) for x in set(d.donors[ids].tolist())}
+        best = max(per_donor, key=per_donor.get)
+        if per_donor[best] < n_range[0]:
+            raise ValueError(f"no donor has {n_range[0]} cell types among its {pool} cells (the most: donor {best!r} "
+                             f"with {per_donor[best]}): lower --n-range or add cells")
+
+
+def build_summary(split: CellSplit, rows: dict[str, list[Puzzle]], cfg: PuzzleConfig, files: list[str],
+                  integer: bool) -> dict:
+    """Cells, types and donors per split, puzzles per N, and the teacher's and per-cell argmax baselines on test
+    (reward.metrics of their answers, as pipeline.baselines scores them). integer: the matrix read is counts."""
+    import reward
+    d = split.data
+    test = rows["test"]
+    methods = baselines(fit_embedded_teacher(split, cfg))
+    scored = {name: reward.metrics([render_completion("", methods[name](p)) for p in test],
+                                   [p.answer for p in test], [0] * len(test))
+              for name in ("per-cell argmax", "teacher (Hungarian)")}
+    pools = {"test": split.test, "rl (train.jsonl)": split.rl, "sft (reasoning.jsonl)": split.train}
+    return {"files": [os.path.basename(f) for f in files], "cells": len(d.labels), "genes": len(d.genes),
+            "types": {str(t): int((d.labels == t).sum()) for t in sorted(set(d.labels.tolist()))},
+            "donors": len(set(d.donors.tolist())), "integer_counts": integer, "config": asdict(cfg),
+            "cells_per_split": {k: len(v) for k, v in pools.items()},
+            "puzzles_per_n": {k: {str(n): sum(p.n == n for p in v) for n in sorted({p.n for p in v})}
+                              for k, v in rows.items()},
+            "baselines_test": {k: {m: v[m] for m in ("cell_acc", "batch_acc")} for k, v in scored.items()}}
+
+
+def summary_markdown(s: dict) -> str:
+    types = ", ".join(f"{t} {k}" for t, k in s["types"].items())
+    matrix = "integer counts" if s["integer_counts"] else "not integer counts"
+    lines = [f"# CellPuzzles built from {', '.join(s['files'])}", "",
+             f"{s['cells']} cells, {s['genes']} genes listed, {len(s['types'])} types, {s['donors']} donor groups; "
+             f"{matrix}.", "", f"Types (cells): {types}.", "",
+             "Cells per split: " + ", ".join(f"{k} {v}" for k, v in s["cells_per_split"].items()) + ".", ""]
+    lines += [f"Puzzles per N, {k}: " + ", ".join(f"N={n}: {c}" for n, c in v.items()) + "."
+              for k, v in s["puzzles_per_n"].items()]
+    lines += ["", "Baselines on test: " + "; ".join(f"{k}: cell_acc {v['cell_acc']:.3f}, batch_acc {v['batch_acc']:.3f}"
+                                                  for k, v in s["baselines_test"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_cell_table(split: CellSplit, names: np.ndarray, sources: np.ndarray, path: str) -> None:
+    """cells.tsv: file, obs_name, label, donor group, split (test / rl / sft) of every kept cell, in matrix order."""
+    where = np.full(len(names), "sft", dtype=object)
+    where[split.test], where[split.rl] = "test", "rl"
+    d = split.data
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("file\tobs_name\tlabel\tdonor\tsplit\n")
+        for i in range(len(names)):
+            f.write(f"{sources[i]}\t{names[i]}\t{d.labels[i]}\t{d.donors[i]}\t{where[i]}\n")
+
+
+def build(files: list[str], out_dir: str, keys: ObsKeys = ObsKeys(), cfg: PuzzleConfig = RELEASED,
+          n_train: int = 5000, per_n: int = 50, seed: int = 0) -> tuple[CellSplit, dict[str, list[Puzzle]], dict]:
+    """CellPuzzles from labelled .h5ad files into out_dir (which must not exist): train.jsonl, reasoning.jsonl and
+    test.jsonl as export() writes them (cells split per type by split_cells with cfg's test_frac and rl_frac),
+    cells.tsv, summary.json and summary.md. Every check runs before anything is written, and the files are written
+    into out_dir.tmp, renamed to out_dir at the end: a failure leaves no out_dir. Returns (split, rows, summary)."""
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"{out_dir} already exists: remove it or choose another --out")
+    if not 1 <= cfg.n_genes < 2**15 or not 2 <= cfg.n_range[0] <= cfg.n_range[1]:
+        raise ValueError(f"--n-genes {cfg.n_genes} must be 1..32767 and --n-range {cfg.n_range} 2 <= LO <= HI")
+    parts = [read_h5ad_cells(f, keys, None if cfg.augment else cfg.n_genes) for f in files]
+    data = merge_cells(parts, ranks=not cfg.augment)
+    if cfg.augment and not data.counts:
+        raise ValueError(f"--augment down-samples UMI counts, but the {keys.layer} matrix of {', '.join(files)} is not "
+                         "integer counts: name a counts layer (--layer) or leave --augment out")
+    split = split_cells(data, cfg.test_frac, cfg.split_seed, rl_frac=cfg.rl_frac)
+    check_n_range(split, cfg.n_range)
+    rows = export_rows(split, cfg, n_train, per_n, seed)
+    summary = build_summary(split, rows, cfg, files, all(p.integer for p in parts))
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        for name, puzzles in rows.items():
+            write_jsonl(puzzles, os.path.join(tmp, f"{name}.jsonl"))
+        sources = np.concatenate([np.full(len(p.cols), os.path.basename(f)) for p, f in zip(parts, files)])
+        write_cell_table(split, np.concatenate([p.names for p in parts]), sources, os.path.join(tmp, "cells.tsv"))
+        with open(os.path.join(tmp, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        with open(os.path.join(tmp, "summary.md"), "w") as f:
+            f.write(summary_markdown(summary))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.rename(tmp, out_dir)
+    return split, rows, summary
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -706,16 +981,54 @@ def train_tokenizer(texts, vocab_size: int = 2048):
     return tok
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`export OUT` (the embedded PBMC puzzles; the old form `OUT` still works) or `build --h5ad FILE ... --out DIR`."""
+    ap = argparse.ArgumentParser(description="Write CellPuzzles as train/reasoning/test JSONL files that "
+                                             "load_puzzles(out, split) reads like the released data.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="puzzles of the embedded PBMC cells (CPU defaults)")
+    ex.add_argument("out", help="folder to write (created; files in it are overwritten)")
+    ex.add_argument("--n-genes", type=int, default=CPU.n_genes, help="top genes listed per cell")
+    ex.add_argument("--n-range", type=int, nargs=2, default=CPU.n_range, metavar=("LO", "HI"), help="cells per puzzle")
+    ex.add_argument("--no-augment", action="store_true", help="list train cells as they are (no down-sampling)")
+    b = sub.add_parser("build", help="puzzles of the labelled cells of .h5ad files (released defaults: 50 genes, N "
+                                     "8-15, no augmentation)")
+    b.add_argument("--h5ad", nargs="+", required=True, metavar="FILE", help="AnnData files; their cells are pooled")
+    b.add_argument("--out", required=True, help="folder to create (must not exist)")
+    b.add_argument("--label-key", default="cell_type", help="obs column of the cell type")
+    b.add_argument("--donor-key", default="donor_id", help="obs column of the donor (a puzzle never mixes donors)")
+    b.add_argument("--gene-key", default="feature_name", help="var column of gene names; 'index': var_names")
+    b.add_argument("--layer", default=".X", help="matrix to rank genes by: '.X', a layer name, or 'raw' (.raw.X)")
+    b.add_argument("--context-keys", nargs=5, default=CONTEXT_KEYS, metavar="KEY", help="obs columns of tissue, "
+                   "disease, sex, development stage and ethnicity for the context sentence; '-' leaves one out")
+    b.add_argument("--n-genes", type=int, default=RELEASED.n_genes, help="top genes listed per cell")
+    b.add_argument("--n-range", type=int, nargs=2, default=RELEASED.n_range, metavar=("LO", "HI"),
+                   help="cells per puzzle")
+    b.add_argument("--augment", action="store_true", help="down-sample train cells afresh for every train puzzle "
+                   "(needs integer counts; keeps every cell's full row in memory)")
+    for p in (ex, b):
+        p.add_argument("--train", type=int, default=5000, help="rows of train.jsonl and of reasoning.jsonl")
+        p.add_argument("--per-n", type=int, default=50, help="test.jsonl puzzles per N")
+        p.add_argument("--seed", type=int, default=0, help="seed of the puzzles (the cell split has its own)")
+    if argv and argv[0] not in ("export", "build", "-h", "--help"):
+        argv = ["export", *argv]   # the old form: python data.py OUT [flags]
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.command == "export":
+        cfg = PuzzleConfig(n_genes=a.n_genes, n_range=tuple(a.n_range), augment=not a.no_augment)
+        print(export(embedded(cfg), a.out, cfg, a.train, a.per_n, a.seed))
+        return
+    keys = ObsKeys(a.label_key, a.donor_key, a.gene_key, a.layer, tuple(a.context_keys))
+    cfg = PuzzleConfig(n_genes=a.n_genes, n_range=tuple(a.n_range), augment=a.augment)
+    try:
+        _, _, summary = build(a.h5ad, a.out, keys, cfg, a.train, a.per_n, a.seed)
+    except (OSError, ValueError, ImportError) as e:  # one sentence, no traceback: a bad input, not a bug
+        sys.exit(f"error: {e}")
+    print(summary_markdown(summary), end="")
+
+
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Write the embedded PBMC puzzles as train/reasoning/test JSONL files "
-                                             "that load_puzzles(out, split) reads like the released data.")
-    ap.add_argument("out")
-    ap.add_argument("--n-genes", type=int, default=CPU.n_genes)
-    ap.add_argument("--n-range", type=int, nargs=2, default=CPU.n_range)
-    ap.add_argument("--no-augment", action="store_true")
-    ap.add_argument("--train", type=int, default=5000)
-    ap.add_argument("--per-n", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    cfg = PuzzleConfig(n_genes=a.n_genes, n_range=tuple(a.n_range), augment=not a.no_augment)
-    print(export(embedded(cfg), a.out, cfg, a.train, a.per_n, a.seed))
+    main()

@@ -151,6 +151,8 @@ def main(argv=None):
     ap.add_argument("--eval-per-n", type=int, default=50, help="held-out puzzles per N for the final table")
     ap.add_argument("--eval-max-new-tokens", type=int, default=512, help="decode budget of the final evaluation")
     ap.add_argument("--toy", action="store_true", help="seconds-long stages (tests): the numbers mean nothing")
+    ap.add_argument("--wandb", default=None, metavar="PROJECT", help="log both training stages to this Weights & "
+                    "Biases project (passed to train_sft.py and train_rl.py; not part of the run's flags)")
     args = ap.parse_args(argv)
     run = os.path.abspath(args.out)
     os.makedirs(run, exist_ok=True)
@@ -171,6 +173,7 @@ def main(argv=None):
     if not args.toy:
         print("cello main job: SFT (14-26 min) -> GRPO (~10 min) -> evaluation (~1 min) on 2 CPU cores; 25-40 "
               f"minutes in all. Run folder: {run}. Interrupt at will: the same command resumes.", flush=True)
+    tracking = ["--wandb", args.wandb] if args.wandb else []  # where a run is watched, not what it computes
     t0 = time.time()
     sys.path.insert(0, ROOT)
     import data
@@ -178,10 +181,10 @@ def main(argv=None):
     if not os.path.exists(f"{run}/baselines.json"):
         write_json(f"{run}/baselines.json", baselines(puzzles))
     if not os.path.exists(f"{run}/sft/model/config.json"):
-        run_stage("SFT", [sys.executable, "train_sft.py", "--out", f"{run}/sft", "--resume", *sft_args])
+        run_stage("SFT", [sys.executable, "train_sft.py", "--out", f"{run}/sft", "--resume", *sft_args, *tracking])
     if not os.path.exists(f"{run}/rl/model/config.json"):
         run_stage("GRPO", [sys.executable, "train_rl.py", "--model", f"{run}/sft/model", "--out", f"{run}/rl",
-                           "--resume", *rl_args])
+                           "--resume", *rl_args, *tracking])
     for stage in ("sft", "rl"):
         if not os.path.exists(f"{run}/eval_{stage}.json"):
             print(f"\n== evaluation of {stage}/model on {len(puzzles)} held-out puzzles", flush=True)

@@ -435,19 +435,60 @@ def prepare_run_dir(run_dir: str, resume: bool, log_name: str) -> int:
     return step
 
 
-class Log:
-    """One console line per step (through tqdm) and a JSONL file for machines; rank 0 only."""
+def wandb_flag(p) -> None:
+    """The --wandb flag of both trainers."""
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log every record of the JSONL log (and the "
+                   "flags) to this Weights & Biases project, rank 0 only; needs `pip install wandb` (offline: "
+                   "WANDB_MODE=offline)")
 
-    def __init__(self, path: str):
+
+def check_wandb(args) -> None:
+    """--wandb without the package is refused on every rank before anything starts."""
+    import importlib.util
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--wandb needs wandb, which is not installed: pip install wandb")
+
+
+def wandb_values(record: dict, prefix: str = "") -> dict:
+    """The numbers of a log record, nested dicts flattened to "eval/cell_acc" keys; text (samples) and "step" are
+    left to the JSONL file (the step is wandb's own step)."""
+    out = {}
+    for k, v in record.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(wandb_values(v, key + "/"))
+        elif isinstance(v, (bool, int, float)) and key != "step":
+            out[key] = v
+    return out
+
+
+class Log:
+    """One console line per step (through tqdm) and a JSONL file for machines; rank 0 only. With a wandb project
+    every record also goes to wandb.log at its "step", and the run's config is `config` (the flags)."""
+
+    def __init__(self, path: str, wandb_project: str | None = None, config: dict | None = None):
         self.path = path if dist.get_rank() == 0 else None
+        self.wandb = None
+        if wandb_project and self.path is not None:
+            import wandb
+            config = {k: sorted(v) if isinstance(v, set) else v for k, v in (config or {}).items()}
+            self.wandb = wandb.init(project=wandb_project, config=config,
+                                    name=os.path.basename(os.path.dirname(os.path.abspath(path))))
 
     def __call__(self, record: dict, console: str | None = None):
         if self.path is None:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(wandb_values(record), step=record["step"])
         if console:
             tqdm.write(console)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int, schedule: str, min_ratio: float) -> float:

@@ -63,7 +63,7 @@ from train_common import (Log, all_reduce, apply_recipe, autocast, build_model, 
                           eval_source, evaluate, guarded, infer_dtype, inference_copy, init_distributed,
                           load_checkpoint, load_rows, local, lr_at, messages, model_card, pick_recipe,
                           prepare_run_dir, publish_model, save_checkpoint, shard, sync_weights, system_turn,
-                          tokenizer_source, world_size)
+                          tokenizer_source, world_size, check_wandb, wandb_flag)
 
 # The recipes: flag -> (tiny, paper).
 RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 3000), "kl_coef": (0.0, 1e-3),
@@ -551,7 +551,10 @@ def parse_args(argv=None):
     a("--force-resume", action="store_true", help="with --resume: go on even though data flags or the data's content "
       "changed (refused otherwise: the run would mix two setups)")
     a("--no-progress", action="store_true", help="no progress bar")
-    return resolve_defaults(p.parse_args(argv))
+    wandb_flag(p)
+    args = p.parse_args(argv)
+    check_wandb(args)
+    return resolve_defaults(args)
 
 
 def resolve_defaults(args):
@@ -700,7 +703,7 @@ def main(argv=None):
     score = custom or (lambda p, text: reward.score(text, p.answer, args.reward_mode))
     reward_fn = puzzle_reward(tok, args.reward_mode, custom)
     stops = stop_token_ids(tok, model_dir)
-    log = Log(os.path.join(args.out, "rl_log.jsonl"))
+    log = Log(os.path.join(args.out, "rl_log.jsonl"), args.wandb, vars(args))
     eval_set = eval_puzzles(held_out, args.eval_puzzles, args.seed + 1)
     run_eval = Evaluator(model, infer, tok, eval_set, args, log, score, stream, stops)
     per_rank = args.prompts_per_step // world
@@ -745,6 +748,7 @@ def main(argv=None):
         run_eval(steps)
         if rank == 0:  # the final model, HF layout (loadable here and by transformers)
             publish_model(args.out)
+    log.close()
     dist.barrier()
     del model, optim, infer, ref, run_eval  # free before destroy_process_group: a rank sometimes aborts otherwise
     gc.collect()

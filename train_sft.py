@@ -35,7 +35,8 @@ from sampler import pad64
 from train_common import (Log, apply_recipe, autocast, build_model, check_data, check_resume, eval_line, eval_puzzles,
                           eval_source, evaluate, guarded, infer_dtype, inference_copy, init_distributed,
                           load_checkpoint, load_rows, local, lr_at, messages, pick_recipe, prepare_run_dir,
-                          publish_model, save_checkpoint, shard, sync_weights, system_turn, tokenizer_source)
+                          publish_model, save_checkpoint, shard, sync_weights, system_turn, tokenizer_source,
+                          check_wandb, wandb_flag)
 
 # The recipes: flag -> (tiny, paper). The tiny column was chosen by measurement (docs/experiments.md): small batches
 # and many optimizer steps, N growing from 3 (curriculum) and drawn in proportion to N, the one-line system turn, the
@@ -305,7 +306,9 @@ def parse_args(argv=None):
     a("--force-resume", action="store_true", help="with --resume: go on even though data flags or the data's content "
       "changed (refused otherwise: the run would mix two setups)")
     a("--no-progress", action="store_true", help="no progress bars")
+    wandb_flag(p)
     args = p.parse_args(argv)
+    check_wandb(args)
     args.recipe = pick_recipe(args.model, args.recipe)
     apply_recipe(args, RECIPE)
     for k in ("mix", "ambient", "easy_keep"):
@@ -375,7 +378,7 @@ def main(argv=None):
     if start:
         load_checkpoint(args.out, model, optim, {"ema": ema.shadow} if ema else None)
     eval_set = eval_puzzles(held_out, args.eval_puzzles, args.seed + 1)
-    log = Log(os.path.join(args.out, "sft_log.jsonl"))
+    log = Log(os.path.join(args.out, "sft_log.jsonl"), args.wandb, vars(args))
     if rank == 0:
         print(f"SFT ({args.recipe} recipe): {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {world} "
               f"rank(s) on {device}, steps {start}->{steps}, global batch {args.batch_size}, data {args.data}, eval "
@@ -420,6 +423,7 @@ def main(argv=None):
         run_eval(steps)
         if rank == 0:
             publish_model(args.out)
+    log.close()
     dist.barrier()
     del model, optim, infer, ema  # free before destroy_process_group: a rank sometimes aborts at exit otherwise
     gc.collect()

@@ -16,10 +16,13 @@ Rebuild (needs scanpy; the product itself never imports it):
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402  (the .h5ad reader of `data.py build`; no torch)
 
 
 def recover_counts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -34,16 +37,12 @@ def recover_counts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]
     return counts.astype(np.int64), scale, float(dev.max()), float(dev.mean())
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(ROOT, "assets", "pbmc68k_reduced.npz"))
-    args = ap.parse_args()
-
-    import scanpy as sc                            # build-time only
-    from importlib.metadata import version
-
-    ad = sc.datasets.pbmc68k_reduced()
-    x = ad.raw.X.toarray() if hasattr(ad.raw.X, "toarray") else np.asarray(ad.raw.X)
+def pbmc_arrays(ad, source: str) -> dict[str, np.ndarray]:
+    """The arrays of the .npz from the AnnData `ad`, read through data.py's .h5ad reader (`.raw.X` in row chunks,
+    `obs['bulk_labels']`); prints the checks and refuses (AssertionError) values that are not log1p of scaled counts."""
+    path = "pbmc68k_reduced"
+    matrix, genes = data.expression_matrix(ad, "raw", "index", path)
+    x = np.concatenate(list(data.dense_rows(matrix, np.arange(ad.n_obs))))
     counts, scale, max_dev, mean_dev = recover_counts(x)
     print(f"cells x genes: {x.shape}; nonzeros per cell: {(counts > 0).sum(1).mean():.1f}")
     print(f"distance of recovered counts to the nearest integer: max {max_dev:.4f}, mean {mean_dev:.5f}")
@@ -54,19 +53,31 @@ def main():
     assert (counts > 0).sum() == (x > 0).sum(), "a nonzero value rounded to zero counts"
     assert counts.max() < 2**16
 
-    labels = ad.obs["bulk_labels"].astype(str).to_numpy()
+    labels = data.obs_column(ad, "bulk_labels", path, "labels")
     types, n = np.unique(labels, return_counts=True)
     print("types:", ", ".join(f"{t} ({k})" for t, k in zip(types, n)))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    np.savez_compressed(
-        args.out,
+    return dict(
         counts=counts.astype(np.uint16),           # cells x genes UMI counts (over the 765 stored genes)
-        genes=np.array(ad.raw.var_names, dtype=str),
+        genes=np.array(genes, dtype=str),
         labels=labels.astype(str),
         barcodes=np.array(ad.obs_names, dtype=str),
         donor=np.array("pbmc68k_donor_A"),
-        source=np.array(f"scanpy {version('scanpy')} datasets.pbmc68k_reduced() .raw.X, bulk_labels"),
+        source=np.array(source),
     )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(ROOT, "assets", "pbmc68k_reduced.npz"), help="the .npz to write")
+    args = ap.parse_args()
+
+    import scanpy as sc                            # build-time only
+    from importlib.metadata import version
+
+    arrays = pbmc_arrays(sc.datasets.pbmc68k_reduced(),
+                         f"scanpy {version('scanpy')} datasets.pbmc68k_reduced() .raw.X, bulk_labels")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    np.savez_compressed(args.out, **arrays)
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1024:.0f} KiB)")
 
 
