@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -101,6 +102,51 @@ def init_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def cpu_times() -> tuple[int, int, int] | None:
+    """(busy ticks of all CPUs, total ticks of all CPUs, this process's ticks) from /proc; None where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return sum(ticks) - idle, sum(ticks), int(fields[11]) + int(fields[12])  # utime + stime
+
+
+class CpuThreads:
+    """On CPU with OMP_NUM_THREADS unset and one rank: keep torch's thread count at the cores that other processes
+    leave free, re-measured every `interval` seconds (call `tick()` once a step). Why: PyTorch's OpenMP threads
+    spin while they wait for each other, so two processes with a thread per core each slow each other many-fold,
+    not 2-fold (scripts/bench_contention.py). Others' load = busy CPU time (/proc/stat) minus this process's own."""
+
+    def __init__(self, device, interval: float = 5.0):
+        self.cores = os.cpu_count() or 1
+        wanted = device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and world_size() == 1 and self.cores > 1
+        self.last, self.when, self.interval = cpu_times() if wanted else None, time.time(), interval
+        self.active = self.last is not None
+        if self.active:
+            time.sleep(0.3)  # a first reading before step 1
+            self.tick(force=True)
+
+    def tick(self, force: bool = False) -> None:
+        if not self.active or (not force and time.time() - self.when < self.interval):
+            return
+        now = cpu_times()
+        busy, total, mine = (a - b for a, b in zip(now, self.last))
+        self.last, self.when = now, time.time()
+        if total <= 0:
+            return
+        others = max(0.0, (busy - mine) / total * self.cores)  # cores' worth of other processes' work
+        want = max(1, min(self.cores, round(self.cores - others)))
+        if want != torch.get_num_threads():
+            if dist.is_initialized() and dist.get_rank() == 0:
+                print(f"other processes use about {others:.1f} of {self.cores} cores: {want} thread(s) now (set "
+                      f"OMP_NUM_THREADS to fix the count)", file=sys.stderr)
+            torch.set_num_threads(want)
 
 
 def die_with_parent() -> None:

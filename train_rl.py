@@ -59,11 +59,11 @@ import data
 import reward
 from model import encode_chat, load_tokenizer, stop_token_ids
 from sampler import Sampler, pad64
-from train_common import (Log, all_reduce, apply_recipe, autocast, build_model, check_data, check_resume, eval_line, eval_puzzles,
-                          eval_source, evaluate, guarded, infer_dtype, inference_copy, init_distributed,
-                          load_checkpoint, load_rows, local, lr_at, messages, model_card, pick_recipe,
-                          prepare_run_dir, publish_model, save_checkpoint, shard, sync_weights, system_turn,
-                          tokenizer_source, world_size, check_wandb, wandb_flag)
+from train_common import (CpuThreads, Log, all_reduce, apply_recipe, autocast, build_model, check_data, check_resume,
+                          check_wandb, eval_line, eval_puzzles, eval_source, evaluate, guarded, infer_dtype,
+                          inference_copy, init_distributed, load_checkpoint, load_rows, local, lr_at, messages,
+                          model_card, pick_recipe, prepare_run_dir, publish_model, save_checkpoint, shard,
+                          sync_weights, system_turn, tokenizer_source, wandb_flag, world_size)
 
 # The recipes: flag -> (tiny, paper).
 RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 3000), "kl_coef": (0.0, 1e-3),
@@ -718,8 +718,9 @@ def main(argv=None):
     if args.eval_before and start == 0:
         run_eval(0)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="rl", disable=rank != 0 or args.no_progress)
-    bad, failed = 0, None
+    bad, failed, threads = 0, None, CpuThreads(device)
     for step in bar:
+        threads.tick()
         lr = lr_at(step, steps, args.lr, args.warmup, args.schedule, args.min_lr_ratio)
         for g in optim.param_groups:
             g["lr"] = lr

@@ -32,11 +32,11 @@ from tqdm import tqdm
 import data
 from model import Transformer, encode_chat, load_tokenizer
 from sampler import pad64
-from train_common import (Log, apply_recipe, autocast, build_model, check_data, check_resume, eval_line, eval_puzzles,
-                          eval_source, evaluate, guarded, infer_dtype, inference_copy, init_distributed,
-                          load_checkpoint, load_rows, local, lr_at, messages, pick_recipe, prepare_run_dir,
-                          publish_model, save_checkpoint, shard, sync_weights, system_turn, tokenizer_source,
-                          check_wandb, wandb_flag)
+from train_common import (CpuThreads, Log, apply_recipe, autocast, build_model, check_data, check_resume,
+                          check_wandb, eval_line, eval_puzzles, eval_source, evaluate, guarded, infer_dtype,
+                          inference_copy, init_distributed, load_checkpoint, load_rows, local, lr_at, messages,
+                          pick_recipe, prepare_run_dir, publish_model, save_checkpoint, shard, sync_weights,
+                          system_turn, tokenizer_source, wandb_flag)
 
 # The recipes: flag -> (tiny, paper). The tiny column was chosen by measurement (docs/experiments.md): small batches
 # and many optimizer steps, N growing from 3 (curriculum) and drawn in proportion to N, the one-line system turn, the
@@ -393,7 +393,9 @@ def main(argv=None):
         log({"step": step, "eval": m, "samples": texts[:2]}, f"step {step} {eval_line(m)}")
 
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="sft", disable=rank != 0 or args.no_progress)
+    threads = CpuThreads(device)
     for step in bar:
+        threads.tick()
         t0 = time.time()
         lr = lr_at(step, steps, args.lr, args.warmup, args.schedule, args.min_lr_ratio)
         for g in optim.param_groups:

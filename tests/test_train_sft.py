@@ -510,3 +510,41 @@ def test_resume_refuses_changed_file_content(tiny_dir, tmp_path):
     assert "--force-resume" in r.stderr and "Traceback" not in r.stderr
     r = run(base + ["--steps", "2", "--resume", "--force-resume"])
     assert "warning: --force-resume" in r.stderr
+
+
+def test_cpu_threads_follow_other_processes(monkeypatch):
+    """CpuThreads against hand-computed readings on 2 cores: other processes' load = (busy - own) / total x cores;
+    threads = round(cores - load), at least 1. Inactive when OMP_NUM_THREADS is set."""
+    import train_common
+    # (busy, total, own) ticks: deltas (100, 200, 90) -> others 0.1 core -> 2 threads; (200, 200, 100) -> 1.0 -> 1;
+    # (100, 200, 100) -> 0 -> 2
+    readings = iter([(0, 0, 0), (100, 200, 90), (300, 400, 190), (400, 600, 290)])
+    monkeypatch.setattr(train_common, "cpu_times", lambda: next(readings))
+    monkeypatch.setattr(train_common.time, "sleep", lambda s: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        threads = train_common.CpuThreads(torch.device("cpu"))
+        assert threads.active and torch.get_num_threads() == 2
+        threads.tick(force=True)
+        assert torch.get_num_threads() == 1
+        threads.tick()  # within the interval: no reading taken
+        assert torch.get_num_threads() == 1
+        threads.tick(force=True)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert not train_common.CpuThreads(torch.device("cpu")).active
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_times_reads_proc():
+    import train_common
+    a = train_common.cpu_times()
+    if a is None:
+        pytest.skip("no /proc here")
+    sum(i * i for i in range(2_000_000))  # some CPU time of our own
+    b = train_common.cpu_times()
+    busy, total, own = (y - x for x, y in zip(a, b))
+    assert 0 <= own <= busy <= total and b[2] > 0
