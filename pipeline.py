@@ -45,14 +45,28 @@ def run_stage(name: str, cmd: list[str]) -> None:
     print(f"== {name} done in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
-def baselines(puzzles) -> dict:
+def baselines(puzzles, teacher=None) -> dict:
     """metrics() of the three reference methods, on rendered completions scored like a model's. They write no
-    reasoning: their length is 0 tokens."""
+    reasoning: their length is 0 tokens. teacher: the marker model (default: the embedded data's)."""
     import data
     import reward
     answers, zeros = [p.answer for p in puzzles], [0] * len(puzzles)
+    teacher = teacher or data.fit_embedded_teacher(data.embedded())
     return {name: reward.metrics([data.render_completion("", f(p)) for p in puzzles], answers, zeros)
-            for name, f in data.baselines(data.fit_embedded_teacher(data.embedded())).items()}
+            for name, f in data.baselines(teacher).items()}
+
+
+def folder_data(folder: str):
+    """A released-layout folder (python data.py build): (its test puzzles, the marker model fitted on the cells of
+    its train and reasoning rows, each listed cell labelled with its gold type)."""
+    import data
+    test, _ = data.load_puzzles(folder, "test")
+    cells, labels = [], []
+    for split in ("train", "reasoning"):
+        for p in data.load_puzzles(folder, split, skip_bad=True)[0]:
+            cells += p.cells
+            labels += p.gold
+    return test, data.fit_teacher(cells, labels)
 
 
 def evaluate_model(model_dir: str, puzzles, max_new_tokens: int) -> dict:
@@ -146,6 +160,8 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/main", help="run folder (created; an existing one is resumed)")
     ap.add_argument("--sft-args", default="", help="extra flags for train_sft.py, one string")
     ap.add_argument("--rl-args", default="", help="extra flags for train_rl.py, one string")
+    ap.add_argument("--data", default="embedded", help="'embedded', or a released-layout folder (python data.py build "
+                    "...): SFT on its reasoning split, GRPO on train, the table on all of test")
     ap.add_argument("--seed", type=int, default=0, help="training seed of both stages (the held-out puzzles stay "
                     "the same: compare seeds on them)")
     ap.add_argument("--eval-per-n", type=int, default=50, help="held-out puzzles per N for the final table")
@@ -157,7 +173,7 @@ def main(argv=None):
     run = os.path.abspath(args.out)
     os.makedirs(run, exist_ok=True)
     # later flags win (argparse): the defaults, then --toy's sizes, then the user's flags
-    seed = ["--seed", str(args.seed)]
+    seed = ["--seed", str(args.seed)] + (["--data", os.path.abspath(args.data)] if args.data != "embedded" else [])
     sft_args = seed + shlex.split(SFT_DEFAULT) + shlex.split(TOY_SFT if args.toy else "") + shlex.split(args.sft_args)
     rl_args = seed + shlex.split(RL_DEFAULT) + shlex.split(TOY_RL if args.toy else "") + shlex.split(args.rl_args)
     if args.toy:
@@ -177,9 +193,12 @@ def main(argv=None):
     t0 = time.time()
     sys.path.insert(0, ROOT)
     import data
-    puzzles = data.test_puzzles(data.embedded(), data.CPU, per_n=args.eval_per_n, seed=0)
+    if args.data == "embedded":
+        puzzles, teacher = data.test_puzzles(data.embedded(), data.CPU, per_n=args.eval_per_n, seed=0), None
+    else:
+        puzzles, teacher = folder_data(args.data)
     if not os.path.exists(f"{run}/baselines.json"):
-        write_json(f"{run}/baselines.json", baselines(puzzles))
+        write_json(f"{run}/baselines.json", baselines(puzzles, teacher))
     if not os.path.exists(f"{run}/sft/model/config.json"):
         run_stage("SFT", [sys.executable, "train_sft.py", "--out", f"{run}/sft", "--resume", *sft_args, *tracking])
     if not os.path.exists(f"{run}/rl/model/config.json"):

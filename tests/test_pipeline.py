@@ -132,3 +132,17 @@ def test_compare_runs_at_toy_size(tmp_path):
     stamp = (tmp_path / "seed3" / "rl" / "heldout_2x1.json").stat().st_mtime_ns
     run(c)
     assert (tmp_path / "seed3" / "rl" / "heldout_2x1.json").stat().st_mtime_ns == stamp  # cached
+
+
+def test_toy_pipeline_on_a_data_folder(tmp_path):
+    """--data FOLDER (the released layout data.py writes): both stages get the folder, and the table scores all of
+    its test rows."""
+    import data
+    data.export(data.embedded(), str(tmp_path / "d"), n_train=40, per_n=1, seed=3)
+    out = tmp_path / "run"
+    run(cmd(out, "--data", str(tmp_path / "d")))
+    check_artefacts(out)
+    flags = json.load(open(out / "pipeline.json"))
+    assert flags["sft_args"][2:4] == ["--data", str(tmp_path / "d")] == flags["rl_args"][2:4]
+    test, _ = data.load_puzzles(str(tmp_path / "d"), "test")
+    assert json.load(open(out / "eval_rl.json"))["metrics"]["count"] == len(test)
