@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from train_common import write_json
+from train_common import write_json, write_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # SFT on the CPU default: the tiny recipe, held-out evaluation at five points (the plot's SFT curve).
@@ -100,8 +100,8 @@ def trailing_mean(y: list[float], k: int = 5) -> list[float]:
 def plot(run: str, out: str) -> str:
     """curves.png, three panels: SFT (train loss, held-out accuracy), the GRPO rollout reward, and GRPO accuracy on
     its own prompts (the rollouts, sampled) against held-out puzzles (greedy, and the sampled probe): a gap between
-    the two is what the policy knows by heart (its prompts' cells carry their labels through the reward). matplotlib is optional (the plot's only user): without it the
-    table is still written."""
+    the two is what the policy knows by heart (its prompts' cells carry their labels through the reward).
+    matplotlib is optional (the plot's only user): without it the table is still written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -173,9 +173,9 @@ def main(argv=None):
     run = os.path.abspath(args.out)
     os.makedirs(run, exist_ok=True)
     # later flags win (argparse): the defaults, then --toy's sizes, then the user's flags
-    seed = ["--seed", str(args.seed)] + (["--data", os.path.abspath(args.data)] if args.data != "embedded" else [])
-    sft_args = seed + shlex.split(SFT_DEFAULT) + shlex.split(TOY_SFT if args.toy else "") + shlex.split(args.sft_args)
-    rl_args = seed + shlex.split(RL_DEFAULT) + shlex.split(TOY_RL if args.toy else "") + shlex.split(args.rl_args)
+    both = ["--seed", str(args.seed)] + (["--data", os.path.abspath(args.data)] if args.data != "embedded" else [])
+    sft_args = both + shlex.split(SFT_DEFAULT) + shlex.split(TOY_SFT if args.toy else "") + shlex.split(args.sft_args)
+    rl_args = both + shlex.split(RL_DEFAULT) + shlex.split(TOY_RL if args.toy else "") + shlex.split(args.rl_args)
     if args.toy:
         args.eval_per_n, args.eval_max_new_tokens = 1, 8
     # A run folder belongs to one set of flags: resuming it under other flags would mix two experiments silently.
@@ -210,9 +210,7 @@ def main(argv=None):
             write_json(f"{run}/eval_{stage}.json",
                        evaluate_model(f"{run}/{stage}/model", puzzles, args.eval_max_new_tokens))
     text = report(run, (time.time() - t0) / 60)
-    with open(f"{run}/results.md.tmp", "w") as f:
-        f.write(text)
-    os.replace(f"{run}/results.md.tmp", f"{run}/results.md")  # never half-written
+    write_text(f"{run}/results.md", text)
     print("\n" + text)
     import torch.distributed as dist
     if dist.is_initialized():

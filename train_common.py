@@ -310,8 +310,13 @@ def replace_dir(tmp: str, final: str) -> None:
 
 def write_json(path: str, obj) -> None:
     """JSON written to path.tmp and renamed: never half-written."""
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def write_text(path: str, text: str) -> None:
+    """Text written to path.tmp and renamed: never half-written."""
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
-from train_common import write_json  # noqa: E402
+from train_common import write_json, write_text  # noqa: E402
 
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t(0.975, df)
 
@@ -62,6 +62,12 @@ def score(model_dir: str, sets: list, cache: str, max_new_tokens: int) -> list[d
     res = [decode_model(model_dir, puzzles, max_new_tokens)[0] for puzzles in sets]
     write_json(cache, res)
     return res
+
+
+def heldout_sets(n_sets: int, per_n: int) -> list[list]:
+    """Held-out set j = data.test_puzzles(per_n, seed=1000 + j) of the embedded test cells (greedy scoring sets)."""
+    cells = data.embedded()
+    return [data.test_puzzles(cells, data.CPU, per_n=per_n, seed=1000 + j) for j in range(n_sets)]
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -149,8 +155,7 @@ def main():
     control = [os.path.join(args.out, "more-sft", f"seed{s}") for s in args.seeds] if args.more_sft else []
     for seed, out in zip(args.seeds, control):
         train("train_sft.py", args.sft, out, seed, ["--steps", str(args.more_sft), *shlex.split(MORE_SFT)])
-    cells = data.embedded()
-    heldout = [data.test_puzzles(cells, data.CPU, per_n=args.per_n, seed=1000 + j) for j in range(args.eval_sets)]
+    heldout = heldout_sets(args.eval_sets, args.per_n)
     cache = lambda d: os.path.join(d, f"heldout_{args.eval_sets}x{args.per_n}.json")  # noqa: E731
     sft_cache = os.path.join(args.out, f"sft_heldout_{args.eval_sets}x{args.per_n}.json")
     scores = {"SFT (start)": [score(args.sft, heldout, sft_cache, args.max_new_tokens)]}
@@ -164,9 +169,7 @@ def main():
             f"`python {' '.join(shlex.quote(a) for a in sys.argv)}`\n\n"
             + "\n".join(f"- {name}: `{shlex.join(flags) or '(defaults)'}`" for name, flags in sets.items())
             + "\n\n" + table(scores, args.eval_sets, args.per_n_table) + "\n\n" + plot(args.out, runs) + "\n")
-    with open(os.path.join(args.out, "ablation.md.tmp"), "w") as f:
-        f.write(text)
-    os.replace(os.path.join(args.out, "ablation.md.tmp"), os.path.join(args.out, "ablation.md"))
+    write_text(os.path.join(args.out, "ablation.md"), text)
     print(text)
 
 

@@ -22,8 +22,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import data  # noqa: E402
-from ablate_rl import MORE_SFT, score, train  # noqa: E402
-from train_common import write_json  # noqa: E402
+from ablate_rl import MORE_SFT, heldout_sets, score, train  # noqa: E402
+from train_common import write_json, write_text  # noqa: E402
 
 MODELS = ("SFT", "SFT + GRPO", "more SFT")
 
@@ -96,9 +96,10 @@ def main():
         for run in args.runs:
             train("train_sft.py", os.path.join(run, "sft", "model"), model_dirs(run, args.more_sft)["more SFT"],
                   run_seed(run), ["--steps", str(args.more_sft), *shlex.split(MORE_SFT), *shlex.split(args.sft_args)])
-    sets = [data.test_puzzles(data.embedded(), data.CPU, per_n=args.per_n, seed=1000 + j) for j in range(args.sets)]
+    sets = heldout_sets(args.sets, args.per_n)
     from pipeline import baselines
-    per_method = [baselines(s) for s in sets]
+    teacher = data.fit_embedded_teacher(data.embedded())  # fitted once for all sets
+    per_method = [baselines(s, teacher) for s in sets]
     base = {name: [b[name] for b in per_method] for name in ("per-cell argmax", "teacher (Hungarian)")}
     cache = f"heldout_{args.sets}x{args.per_n}.json"
     scores = {os.path.basename(os.path.normpath(run)): {
@@ -107,9 +108,7 @@ def main():
     text = report(scores, base, args)
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "runs.json"), {"scores": scores, "baselines": base})
-    with open(os.path.join(args.out, "runs.md.tmp"), "w") as f:
-        f.write(text)
-    os.replace(os.path.join(args.out, "runs.md.tmp"), os.path.join(args.out, "runs.md"))
+    write_text(os.path.join(args.out, "runs.md"), text)
     print(text)
 
 
