@@ -146,6 +146,12 @@ def test_rl_share_by_hand(pbmc):
     assert np.array_equal(teacher.weight, data.fit_embedded_teacher(plain).weight)
     with pytest.raises(ValueError, match="empty"):
         data.PuzzleStream(0, cells=plain, pool="rl")
+    # the bounds, on a small share: 7 cells -> 2 test, round(0.1 x 5) = 0 -> 1 rl; 4 cells -> 2 test, 1 rl, 1 train
+    few = data.CellData(np.ones((11, 1), dtype=np.int64), np.array(["g"]), np.array(["a"] * 7 + ["b"] * 4),
+                        np.full(11, "d"), np.full(11, "c "))
+    small = data.split_cells(few, 0.3, 0, rl_frac=0.1)
+    assert [len(x) for x in (small.test, small.rl, small.train)] == [4, 2, 5]
+    assert set(few.labels[small.rl]) == set(few.labels[small.train]) == {"a", "b"}
 
 
 def test_fingerprint_follows_content(pbmc):
