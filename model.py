@@ -11,6 +11,9 @@ Three ways to call the model (all share one code path):
     model(input_ids)                                   training / full recompute: causal attention over the row
     model(ids, positions=p, packed=lens)               packed training row (B == 1): sequences of lengths `lens`
                                                        back to back, each with its own positions and causal attention
+    model(ids, positions=p, prefix_groups=segs)        packed GRPO row (B == 1): segments (P, n, C), each a prompt of
+                                                       P tokens then n completions of it padded to C tokens; the
+                                                       prompt is computed once, not n times (`shared_prefix_attention`)
     model(ids, cache=kv, groups=g, seq_lens=n)         prefill: row b is the prompt of prompt group g[b], from
                                                        position 0, right-padded to T with n[b] real tokens; its K/V
                                                        go to the group's prompt segment, kv.prompt_len[g[b]] = n[b]
@@ -156,6 +159,27 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def shared_prefix_attention(q, k, v, segments: list[tuple[int, int, int]], gqa: bool):
+    """q (1, H, T, D), k/v (1, Hkv, T, D) of one row of segments (P, n, C) back to back: a prompt of P tokens, then n
+    completions of it, each right-padded to C tokens. Prompt tokens attend causally among themselves; a token of
+    completion i attends to the whole prompt and causally within completion i, never to another completion. The
+    numbers of n separate rows prompt + completion i, with the prompt's tokens computed once. -> (1, H, T, D)."""
+    out, s = [], 0
+    for P, n, C in segments:
+        qp, kp, vp = (t[:, :, s:s + P] for t in (q, k, v))
+        out.append(F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa))
+        if n:
+            # (1, H, n*C, D) -> (n, H, C, D): one batch row per completion
+            qc, kc, vc = (t[0, :, s + P:s + P + n * C].unflatten(1, (n, C)).transpose(0, 1) for t in (q, k, v))
+            kc = torch.cat([kp.expand(n, -1, -1, -1), kc], 2)  # (n, Hkv, P + C, D): the prompt's keys, then its own
+            vc = torch.cat([vp.expand(n, -1, -1, -1), vc], 2)
+            see = torch.ones(C, P + C, dtype=torch.bool, device=q.device).tril(P)  # query i sees keys 0 .. P + i
+            oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=see, enable_gqa=gqa)
+            out.append(oc.transpose(0, 1).flatten(1, 2)[None])  # (n, H, C, D) -> (1, H, n*C, D)
+        s += P + n * C
+    return torch.cat(out, 2)
+
+
 def apply_rope(x, cos, sin):
     """x (B, T, H, D): rotate the two halves of the head dimension."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -172,10 +196,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, slots=None, groups=None, seq_lens=None, packed=None):
+    def forward(self, x, cos, sin, cache=None, slots=None, groups=None, seq_lens=None, packed=None,
+                prefix_groups=None):
         """Cache modes (see `Transformer.hidden`): prefill (slots None): row b is the prompt of group groups[b] with
         seq_lens[b] real tokens; decode: row b is slot slots[b] of group groups[b] with seq_lens[b] generated keys
-        including the new token's. Without a cache, `packed` (lengths summing to T) splits the row into sequences."""
+        including the new token's. Without a cache, `packed` (lengths summing to T) splits the row into sequences,
+        and `prefix_groups` into prompts with their completions (`shared_prefix_attention`)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -186,7 +212,9 @@ class Attention(nn.Module):
             gqa = self.n_heads != self.n_kv
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
             with sdpa_kernel(SDPA_BACKENDS):
-                if packed is None:
+                if prefix_groups is not None:
+                    o = shared_prefix_attention(q, k, v, prefix_groups, gqa)
+                elif packed is None:
                     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
                 else:  # one causal attention per packed sequence: no padded keys or queries, no cross-sequence mask
                     o = torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=gqa)
@@ -265,10 +293,12 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
         return self
 
-    def hidden(self, input_ids, positions=None, cache=None, slots=None, groups=None, seq_lens=None, packed=None):
+    def hidden(self, input_ids, positions=None, cache=None, slots=None, groups=None, seq_lens=None, packed=None,
+               prefix_groups=None):
         """input_ids (B, T) -> final normed hidden states (B, T, hidden). See the module docstring for the cache:
         with a cache, `groups` (prompt groups) means prefill and `slots` (row slots, T == 1) means decode; without
-        one, `packed` (sequence lengths summing to T, with their positions in `positions`) means a packed row."""
+        one, `packed` (sequence lengths summing to T, with their positions in `positions`) means a packed row, and
+        `prefix_groups` (segments (P, n, C), see `shared_prefix_attention`) a packed row of prompts and completions."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -287,9 +317,11 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # recompute the block in backward instead of storing its activations (training only, no cache)
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, packed=packed, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, packed=packed, prefix_groups=prefix_groups,
+                                                      use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache=cache, slots=slots, groups=groups, seq_lens=seq_lens, packed=packed)
+                x = block(x, cos, sin, cache=cache, slots=slots, groups=groups, seq_lens=seq_lens, packed=packed,
+                          prefix_groups=prefix_groups)
         return self.model.norm(x)
 
     def forward(self, input_ids, logits_at=None, **kwargs):

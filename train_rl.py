@@ -207,50 +207,70 @@ def generate_rollouts(infer, prompts, args, step: int, stop_ids) -> list[Rollout
 
 @dataclass
 class Micro:
-    """A right-padded micro-batch (every row starts at position 0, so positions are per row by construction). The
-    per-token tensors (K,) follow the row-major order of `sel`, the positions whose next token is a completion token
-    (plus filler positions with seq_len 0, see `pad_rollouts`)."""
-    x: torch.Tensor           # (B, T) token ids
-    sel: torch.Tensor         # (B, T) bool
-    targets: torch.Tensor     # (K,) the token each selected position predicts
-    seq_len: torch.Tensor     # (K,) completion length of the token's row; 0: filler (weight 0)
+    """One packed row of rollouts for `model(x, positions=pos, prefix_groups=segments)`: the rollouts of one prompt
+    that sit next to each other share one copy of it, a segment (P, n, C) (see model.shared_prefix_attention), so a
+    group of n samples costs P + n C tokens instead of n (P + C). The per-token tensors (K,) follow `at`, the row
+    positions whose logits predict a completion token (plus fillers with seq_len 0, see `pack_rollouts`)."""
+    x: torch.Tensor           # (1, T) token ids
+    pos: torch.Tensor         # (1, T) positions: a prompt from 0, each of its completions from P
+    segments: list            # [(P, n, C)], covering T
+    at: torch.Tensor          # (K,) the position whose logits predict each token
+    targets: torch.Tensor     # (K,) the completion token
+    seq_len: torch.Tensor     # (K,) completion length of the token's rollout; 0: filler (weight 0)
     adv: torch.Tensor         # (K,)
     sampler_lp: torch.Tensor  # (K,)
-    row: torch.Tensor         # (K,) row of the token in x
+    row: torch.Tensor         # (K,) index of the token's rollout in the packed list; -1: filler
     old: torch.Tensor | None = None
     ref: torch.Tensor | None = None
 
 
-def pad_rollouts(rows: list[Rollout], device, dummy: bool = False) -> Micro:
-    """T and K (selected positions) are rounded up to multiples of 64 with `pad64`, as train_sft.pack: on CPU
-    oneDNN caches a kernel per matmul shape. The extra positions get seq_len 0 and so weight 0 in the loss.
-    `dummy`: an all-filler micro-batch for a rank with fewer micro-batches than another (FSDP2 needs every rank to
-    run the same forwards and backwards)."""
-    B, T = len(rows), pad64(max(len(r.prompt) + len(r.tokens) for r in rows))
-    x = torch.zeros(B, T, dtype=torch.long)
-    tgt = torch.zeros(B, T, dtype=torch.long)
-    sel = torch.zeros(B, T, dtype=torch.bool)
-    seq_len, adv, lp = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
-    for b, r in enumerate(rows):
-        ids, s = r.prompt + r.tokens, len(r.prompt) - 1
-        x[b, :len(ids)] = torch.tensor(ids)
-        sel[b, s:len(ids) - 1] = True  # position t predicts token t + 1: the last prompt token predicts the first
-        tgt[b, s:len(ids) - 1] = torch.tensor(r.tokens)
-        seq_len[b, s:len(ids) - 1] = 0 if dummy else len(r.tokens)
-        adv[b, s:len(ids) - 1] = r.advantage
-        lp[b, s:len(ids) - 1] = torch.tensor(r.logprobs)
-    k = int(sel.sum())
-    free = (~sel & (torch.arange(T) < T - 1)).nonzero()[:pad64(k) - k]
-    sel[free[:, 0], free[:, 1]] = True
-    tgt[free[:, 0], free[:, 1]] = x[free[:, 0], free[:, 1] + 1]
-    row = torch.arange(B)[:, None].expand(B, T)
-    return Micro(x.to(device), sel.to(device), *(t[sel].to(device) for t in (tgt, seq_len, adv, lp, row)))
+def pack_rollouts(rows: list[Rollout], device, dummy: bool = False) -> Micro:
+    """Pack rollouts into one row; runs of the same group become one segment (completions right-padded to the run's
+    longest). T and K are rounded up to multiples of 64 with `pad64` (a filler segment, filler tokens), as
+    train_sft.pack: on CPU oneDNN caches a kernel per matmul shape. `dummy`: an all-filler micro-batch for a rank
+    with fewer micro-batches than another (FSDP2 needs every rank to run the same forwards and backwards)."""
+    ids, pos, segments, at, tok = [], [], [], [], {"targets": [], "seq_len": [], "adv": [], "sampler_lp": [], "row": []}
+    b = 0
+    while b < len(rows):
+        e = b + 1
+        while e < len(rows) and rows[e].group == rows[b].group:
+            e += 1
+        P, C, start = len(rows[b].prompt), max(len(r.tokens) for r in rows[b:e]), len(ids)
+        ids += rows[b].prompt
+        pos += range(P)
+        for i, r in enumerate(rows[b:e]):
+            c, L = start + P + i * C, len(r.tokens)  # where completion i starts in the row, its length
+            ids += r.tokens + [0] * (C - L)
+            pos += range(P, P + C)
+            at += [start + P - 1] + list(range(c, c + L - 1))  # the prompt's last token predicts the first
+            for k, v in (("targets", r.tokens), ("seq_len", [0 if dummy else L] * L), ("adv", [r.advantage] * L),
+                         ("sampler_lp", r.logprobs), ("row", [b + i] * L)):
+                tok[k] += v
+        segments.append((P, e - b, C))
+        b = e
+    if pad64(len(ids)) > len(ids):
+        filler = pad64(len(ids)) - len(ids)
+        segments.append((filler, 0, 0))
+        ids, pos = ids + [0] * filler, pos + list(range(filler))
+    filler = pad64(len(at)) - len(at)
+    at += [0] * filler
+    for k, v in (("targets", 0), ("seq_len", 0), ("adv", 0.0), ("sampler_lp", 0.0), ("row", -1)):
+        tok[k] += [v] * filler
+    t = {k: torch.tensor(v, dtype=torch.long if k in ("targets", "row") else torch.float32).to(device)
+         for k, v in tok.items()}
+    return Micro(torch.tensor([ids], device=device), torch.tensor([pos], device=device), segments,
+                 torch.tensor(at, device=device), **t)
+
+
+def micro_logits(model, m: Micro):
+    """Logits (K, vocab) at the positions `m.at` only (lm_head nowhere else)."""
+    return model(m.x, logits_at=(torch.zeros_like(m.at), m.at), positions=m.pos, prefix_groups=m.segments)
 
 
 def micro_logprobs(model, m: Micro, args):
     """Trainer log-probs and entropies (K,) of a micro-batch at the sampling temperature."""
     with autocast(m.x.device, args.precision):
-        logits = model(m.x, logits_at=m.sel)  # lm_head only at the selected positions
+        logits = micro_logits(model, m)
     return token_logprobs_and_entropy(logits, m.targets, args.temperature, args.logprob_chunk)
 
 
@@ -333,19 +353,24 @@ def minibatch_backward(model, micros: list[Micro], args, n_tokens: float, n_seqs
 
 
 def minibatches(kept: list[Rollout], args, device) -> tuple[list[list[Micro]], list[float], list[float]]:
-    """Mini-batch m = the groups g with g % M == m (the same split for any rank count), in micro-batches of similar
-    lengths; every rank gets as many micro-batches as the busiest (all-filler ones). -> (minis, completion tokens and
-    sequences of each *global* mini-batch: the loss normalisers)."""
+    """Mini-batch m = the groups g with g % M == m (the same split for any rank count), in micro-batches of
+    --micro-batch rollouts with a group's side by side (its prompt computed once per micro-batch) and similar lengths
+    together; every rank gets as many micro-batches as the busiest (all-filler ones). -> (minis, completion tokens
+    and sequences of each *global* mini-batch: the loss normalisers)."""
     M = args.mini_batches
     minis = []
     for m in range(M):
-        rows = sorted((r for r in kept if r.group % M == m), key=lambda r: len(r.prompt) + len(r.tokens))
+        rows = [r for r in kept if r.group % M == m]
+        longest = {}  # group -> its longest sequence: groups of similar lengths share micro-batches
+        for r in rows:
+            longest[r.group] = max(longest.get(r.group, 0), len(r.prompt) + len(r.tokens))
+        rows.sort(key=lambda r: (longest[r.group], r.group, len(r.tokens)))  # a group's rollouts stay side by side
         k = args.micro_batch
-        minis.append([pad_rollouts(rows[j:j + k], device) for j in range(0, len(rows), k)])
+        minis.append([pack_rollouts(rows[j:j + k], device) for j in range(0, len(rows), k)])
     n_micro = all_reduce(torch.tensor([len(x) for x in minis], device=device), "MAX").tolist()
     dummy = Rollout(-1, [0], [0], [0.0], False)
     for x, k in zip(minis, n_micro):
-        x += [pad_rollouts([dummy], device, dummy=True) for _ in range(k - len(x))]
+        x += [pack_rollouts([dummy], device, dummy=True) for _ in range(k - len(x))]
     counts = all_reduce(torch.tensor([[sum(float((m.seq_len > 0).sum()) for m in x) for x in minis],
                                       [sum(r.group % M == m for r in kept) for m in range(M)]],
                                      dtype=torch.float64, device=device))
@@ -524,7 +549,7 @@ def parse_args(argv=None):
       "min(pi_old / pi_sampler, cap); off by default")
     a("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
     a("--mini-batches", type=int, default=1, help="optimizer steps per pass (the rollout batch split by group)")
-    a("--micro-batch", type=int, default=None, help="sequences per forward per rank")
+    a("--micro-batch", type=int, default=None, help="rollouts per forward per rank, packed into one row (a group's prompt once)")
     a("--lr", type=float, default=None, help="learning rate")
     a("--warmup", type=int, default=0, help="warmup steps")
     a("--schedule", default="constant", choices=["constant", "cosine", "linear"], help="lr after warmup")

@@ -17,7 +17,7 @@ import data
 import reward
 from model import ModelConfig, Transformer, load_tokenizer
 from train_rl import (Rollout, adam_update_ratio, aggregate, generate_rollouts, group_advantages, grpo_step, kl_terms,
-                      micro_logprobs, pad_rollouts, parse_args, policy_loss, puzzle_reward, tis_weights,
+                      micro_logits, micro_logprobs, pack_rollouts, parse_args, policy_loss, puzzle_reward, tis_weights,
                       token_logprobs_and_entropy, trim_at_stop)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,31 +167,53 @@ def test_every_stop_id_ends_a_completion():
         assert r.finished == (r.tokens[-1] in stops) and (r.finished or len(r.tokens) == 12)
         ends.add(r.tokens[-1])
     assert set(stops) <= ends
-    m = pad_rollouts(outs, "cpu")  # the loss positions are exactly the completion tokens, stop token included
+    m = pack_rollouts(outs, "cpu")  # the loss positions are exactly the completion tokens, stop token included
     for b, r in enumerate(outs):
         assert m.targets[(m.row == b) & (m.seq_len > 0)].tolist() == r.tokens
-    assert int((m.seq_len > 0).sum()) == sum(len(r.tokens) for r in outs) and m.sel.sum() % 64 == 0
+    assert int((m.seq_len > 0).sum()) == sum(len(r.tokens) for r in outs) and len(m.at) % 64 == 0
+    assert m.x.shape[1] % 64 == 0 and sum(P + n * C for P, n, C in m.segments) == m.x.shape[1]
 
 
-def test_padding_changes_nothing():
-    """Right padding: every row starts at position 0; a row's log-probs are the same alone or in a batch of rows of
-    other lengths (prompt and completion)."""
-    model = toy_model().eval()
-    args = make_args()
-    rows = [Rollout(0, p, [(3 * i + k) % 32 for k in range(1 + 2 * i)], [0.0] * (1 + 2 * i), False)
-            for i, p in enumerate(PROMPTS)]
-    with torch.no_grad():
-        m = pad_rollouts(rows, "cpu")
-        lp, ent = micro_logprobs(model, m, args)
-        for b, r in enumerate(rows):
-            alone = pad_rollouts([r], "cpu")
-            lp1, ent1 = micro_logprobs(model, alone, args)
-            v, v1 = (m.row == b) & (m.seq_len > 0), alone.seq_len > 0
-            torch.testing.assert_close(lp[v], lp1[v1], atol=1e-5, rtol=0)
-            torch.testing.assert_close(ent[v], ent1[v1], atol=1e-5, rtol=0)
-            full = torch.log_softmax(model(torch.tensor([r.prompt + r.tokens]))[0].float(), -1)
-            want = full[len(r.prompt) - 1:-1].gather(-1, torch.tensor(r.tokens)[:, None])[:, 0]
-            torch.testing.assert_close(lp[v], want, atol=1e-5, rtol=0)
+def full_recompute_logprobs(model, r: Rollout):
+    """The oracle: log_softmax of the model on prompt + completion alone, at the completion tokens (T = 1)."""
+    full = torch.log_softmax(model(torch.tensor([r.prompt + r.tokens]))[0].to(torch.float64), -1)
+    return full[len(r.prompt) - 1:-1].gather(-1, torch.tensor(r.tokens)[:, None])[:, 0]
+
+
+def grouped_rollouts():
+    """Two prompts of different lengths with 3 and 2 samples of different lengths, and a prompt alone."""
+    comp = lambda i: [(3 * i + k) % 32 for k in range(1 + 2 * i)]  # noqa: E731
+    return ([Rollout(0, PROMPTS[0], comp(i), [0.0] * len(comp(i)), False) for i in (2, 0, 3)] +
+            [Rollout(1, PROMPTS[1], comp(i), [0.0] * len(comp(i)), False) for i in (1, 4)] +
+            [Rollout(2, PROMPTS[2], comp(2), [0.0] * 5, False)])
+
+
+@pytest.mark.parametrize("micro", [64, 2, 1])
+def test_shared_prompt_packing_equals_full_recompute(micro):
+    """A packed micro-batch (each group's prompt once, completions right-padded, a group split across micro-batches
+    when --micro-batch is smaller) gives every rollout's log-probs and their gradient as the model run on prompt +
+    completion alone (a float64 model: the two differ by summation order only)."""
+    model = toy_model().double()
+    rows = grouped_rollouts()
+    packed, grads = [], []
+    for j in range(0, len(rows), micro):
+        m = pack_rollouts(rows[j:j + micro], "cpu")
+        lp = torch.log_softmax(micro_logits(model, m), -1).gather(-1, m.targets[:, None])[:, 0]
+        assert (m.seq_len > 0).sum() == sum(len(r.tokens) for r in rows[j:j + micro])
+        packed += [lp[m.row == b] for b in range(len(rows[j:j + micro]))]
+    (sum(x.sum() for x in packed)).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = [full_recompute_logprobs(model, r) for r in rows]
+    sum(x.sum() for x in want).backward()
+    for got, ref in zip(packed, want):
+        torch.testing.assert_close(got, ref)
+    # RMSNorm normalises in fp32 even in a float64 model, so the backward carries fp32 rounding (eps 1.2e-7) summed
+    # in a different order over ~40 tokens: compare each gradient against its own norm at 1e-5
+    for g, p in zip(grads, model.parameters()):
+        assert p.grad.norm() > 0 and (g - p.grad).norm() <= 1e-5 * p.grad.norm()
+    m = pack_rollouts(rows, "cpu")
+    assert m.segments[:3] == [(len(PROMPTS[0]), 3, 7), (len(PROMPTS[1]), 2, 9), (len(PROMPTS[2]), 1, 5)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -212,9 +234,9 @@ def test_on_policy_ratio_and_sampler_gap_at_temperature():
     assert rec["gap_mean"] < 1e-4 and rec["gap_max"] < 1e-3
     # scoring at T = 1 instead (the TRL / verl bug) would be far off
     r = outs[0]
-    m = pad_rollouts([r], "cpu")
+    m = pack_rollouts([r], "cpu")
     with torch.no_grad():
-        lp_t1 = token_logprobs_and_entropy(model(m.x, logits_at=m.sel), m.targets, 1.0)[0][m.seq_len > 0]
+        lp_t1 = token_logprobs_and_entropy(micro_logits(model, m), m.targets, 1.0)[0][m.seq_len > 0]
     assert (lp_t1 - torch.tensor(r.logprobs)).abs().mean() > 1e-2
     # one update per batch: pi_old is the loss pass's own detached log-prob, ratio exactly 1
     args1 = make_args(temperature=0.7)
@@ -245,12 +267,12 @@ def test_kl_gradient_pulls_toward_reference_and_entropy_bonus_raises_entropy():
         for p in ref.parameters():
             p.add_(0.3 * torch.randn_like(p))
     args = make_args(n=8)
-    m = pad_rollouts(rollouts(model.eval(), args), "cpu")
+    m = pack_rollouts(rollouts(model.eval(), args), "cpu")
     v = m.seq_len > 0
 
     def kl_now():
         with torch.no_grad():
-            logits, ref_logits = model(m.x, logits_at=m.sel)[v].float(), ref(m.x, logits_at=m.sel)[v].float()
+            logits, ref_logits = micro_logits(model, m)[v].float(), micro_logits(ref, m)[v].float()
             lp, lq = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
             k3 = kl_terms(micro_logprobs(model, m, args)[0], micro_logprobs(ref, m, args)[0], "k3")[v].mean()
             return k3.item(), (lp.exp() * (lp - lq)).sum(-1).mean().item()  # estimate, exact KL(pi || ref)
