@@ -9,7 +9,7 @@ interrupted study goes on where it stopped (finished runs and scored models are 
 `data.test_puzzles(per_n=--per-n, seed=1000 + j)`: all sets reuse the same test cells, so the table's interval is
 over training seeds (each seed's accuracy averaged over the sets), not over puzzles. Writes OUT/ablation.md (mean
 and 95% t-interval of cell and batch accuracy per flag set, the SFT model's row first, per N with --per-n-table) and
-OUT/ablation.png (rollout reward and held-out batch accuracy through training, one line per flag set). With
+OUT/ablation.png (the rollouts' exact share and held-out batch accuracy through training, one line per flag set). With
 --more-sft K the control row: K more SFT steps from the same model per seed (the minutes GRPO takes, spent on SFT).
 """
 import argparse
@@ -111,7 +111,8 @@ def plot(out: str, runs: dict[str, list[str]]) -> str:
         logs = [[json.loads(ln) for ln in open(os.path.join(d, "rl_log.jsonl"))] for d in dirs]
         steps = [[r for r in log if "reward_mean" in r] for log in logs]
         k = min(len(s) for s in steps)
-        y = [sum(s[i]["reward_mean"] for s in steps) / len(steps) for i in range(k)]
+        # the rollouts' exact share, not the reward: it means the same under every --reward-mode
+        y = [sum(s[i]["batch_acc"] for s in steps) / len(steps) for i in range(k)]
         smooth = [sum(y[max(0, i - 4):i + 1]) / len(y[max(0, i - 4):i + 1]) for i in range(k)]
         ax[0].plot([steps[0][i]["step"] for i in range(k)], smooth, label=name)
         evals = [[r for r in log if "eval" in r] for log in logs]
@@ -119,7 +120,7 @@ def plot(out: str, runs: dict[str, list[str]]) -> str:
         ax[1].plot([evals[0][i]["step"] for i in range(k)],
                    [sum(e[i]["eval"]["batch_acc"] for e in evals) / len(evals) for i in range(k)], marker="o",
                    label=name)
-    ax[0].set(title="rollout reward (5-step mean, mean over seeds)", xlabel="GRPO step")
+    ax[0].set(title="rollouts solved exactly (5-step mean, mean over seeds)", xlabel="GRPO step")
     ax[1].set(title="held-out batch acc during training (mean over seeds)", xlabel="GRPO step")
     for a in ax:
         a.legend()
