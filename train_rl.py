@@ -549,7 +549,8 @@ def parse_args(argv=None):
       "min(pi_old / pi_sampler, cap); off by default")
     a("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
     a("--mini-batches", type=int, default=1, help="optimizer steps per pass (the rollout batch split by group)")
-    a("--micro-batch", type=int, default=None, help="rollouts per forward per rank, packed into one row (a group's prompt once)")
+    a("--micro-batch", type=int, default=None, help="rollouts per forward per rank, packed into one row (a "
+      "group's prompt once)")
     a("--lr", type=float, default=None, help="learning rate")
     a("--warmup", type=int, default=0, help="warmup steps")
     a("--schedule", default="constant", choices=["constant", "cosine", "linear"], help="lr after warmup")
@@ -652,8 +653,9 @@ PROBE_STEP = 10 ** 9  # the rollout seed's "step" for probes: never a training s
 def probe(infer, puzzles: list, args, tok, stops, system, score) -> dict:
     """--group-size samples at --temperature of each puzzle (each rank a contiguous share, seeded): the share of
     sampled completions that are exact, of puzzles with at least one exact sample (best of n), and of groups whose
-    rewards (`score`: the training reward) are all equal (no GRPO gradient), reduced over ranks. On held-out puzzles this is the headroom GRPO can
-    turn into greedy accuracy; on train prompts, against held-out, it shows how much the policy has memorised."""
+    rewards (`score`: the training reward) are all equal (no GRPO gradient), reduced over ranks. On held-out puzzles
+    this is the headroom GRPO can turn into greedy accuracy; on train prompts, against held-out, it shows how much the
+    policy has memorised."""
     rank, world = (dist.get_rank() if dist.is_initialized() else 0), world_size()
     per = -(-len(puzzles) // world)
     mine = [(i, encode_chat(tok, messages(puzzles[i], system), True), puzzles[i])
