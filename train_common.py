@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -320,6 +321,29 @@ def write_text(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+class CtrlCDeferred:
+    """`with CtrlCDeferred():` a Ctrl-C (SIGINT) during the block is held until the block ends, then raised as
+    KeyboardInterrupt. Why: torch's distributed checkpoint catches a KeyboardInterrupt inside its writers and re-raises
+    it as a CheckpointException (a traceback instead of the resume hint, and a half-written checkpoint.tmp). Signals
+    reach only the main thread, so elsewhere this does nothing."""
+
+    def __enter__(self):
+        self.hit, self.old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self.hold)
+        return self
+
+    def hold(self, signum, frame):
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        if self.hit and exc[0] is None:
+            raise KeyboardInterrupt
+        return False
+
+
 def save_checkpoint(run_dir, model, optim, meta: dict, tokenizer_dir, card: dict, extra: dict | None = None,
                     swap=None):
     """All ranks write checkpoint.tmp (state/ = sharded weights, optimizer and `extra` {name: sharded tensors};
@@ -335,14 +359,15 @@ def save_checkpoint(run_dir, model, optim, meta: dict, tokenizer_dir, card: dict
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    try:
-        _write_checkpoint(tmp, state, model, meta, tokenizer_dir, card, swap)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays as it was
-        raise
-    if dist.get_rank() == 0:
-        replace_dir(tmp, final)
-    dist.barrier()
+    with CtrlCDeferred():  # a Ctrl-C now takes effect once the new checkpoint is in place
+        try:
+            _write_checkpoint(tmp, state, model, meta, tokenizer_dir, card, swap)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays as it was
+            raise
+        if dist.get_rank() == 0:
+            replace_dir(tmp, final)
+        dist.barrier()
 
 
 def tensor_bytes(tree) -> int:
