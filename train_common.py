@@ -101,7 +101,11 @@ def init_distributed():
         dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
+        # gloo's threads start here and inherit this signal mask: with SIGINT blocked in them, a Ctrl-C reaches the
+        # main thread only (one that landed in gloo's TCP thread left a checkpoint's gather waiting forever)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         dist.init_process_group("gloo")
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -349,17 +353,17 @@ def save_checkpoint(run_dir, model, optim, meta: dict, tokenizer_dir, card: dict
     """All ranks write checkpoint.tmp (state/ = sharded weights, optimizer and `extra` {name: sharded tensors};
     model/ = the HF model with `card` as cello.json, gathered on rank 0), then rank 0 swaps it into place.
     `swap`: a callable that exchanges the weights with other values in place (an EMA's), called before and after
-    the HF model is gathered, so model/ holds those values."""
+    the HF model is gathered, so model/ holds those values. A Ctrl-C meanwhile takes effect once it is in place."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     final, tmp = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "checkpoint.tmp")
-    msd, osd = get_state_dict(model, optim)
-    state = {"model": msd, "optim": osd, **(extra or {})}
-    check_free_space(run_dir, state, model)
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    with CtrlCDeferred():  # a Ctrl-C now takes effect once the new checkpoint is in place
+    with CtrlCDeferred():
+        msd, osd = get_state_dict(model, optim)
+        state = {"model": msd, "optim": osd, **(extra or {})}
+        check_free_space(run_dir, state, model)
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
         try:
             _write_checkpoint(tmp, state, model, meta, tokenizer_dir, card, swap)
         except BaseException:
