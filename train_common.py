@@ -1,5 +1,6 @@
-"""What both trainers share: the process group, FSDP2, the model and its inference copy, recipes, run folders,
-checkpoints, the log, the lr schedule, the prompt and greedy evaluation. train_sft.py and train_rl.py import this
+"""What both trainers share: the flags they have in common, recipes, the process group, FSDP2, the model and its
+inference copy, run folders, checkpoints, the log, the lr schedule, the prompt, seeded rollouts (n samples per
+prompt, the same for any rank count) and evaluation (greedy, and the sampled probes). train_sft.py and train_rl.py import this
 file and nothing of each other.
 
 Facts this file implements:
@@ -28,7 +29,9 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -210,6 +213,12 @@ def all_reduce(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
     return t
 
 
+def reduced(values: dict, device, op: str = "SUM") -> dict:
+    """{name: number} summed (or "MIN" / "MAX") over ranks in one all_reduce, as float64."""
+    t = all_reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=device), op)
+    return dict(zip(values, t.tolist()))
+
+
 def shard(model: Transformer, device) -> Transformer:
     """FSDP2: one unit per block plus the root (embeddings, final norm, lm_head: a tied lm_head stays one Parameter
     inside the root unit). On GPU, bf16 compute with fp32 master weights and fp32 gradient reduction."""
@@ -291,6 +300,12 @@ def sync_weights(trained: Transformer, infer: Transformer, src: dict | None = No
     for name, p in infer.named_parameters():
         t = src[name]
         p.copy_(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def weights_finite(model, device) -> bool:
+    """All ranks agree: every local shard of every weight is finite."""
+    ok = float(all(local(p).isfinite().all() for p in model.parameters()))
+    return bool(all_reduce(torch.tensor([ok], device=device), "MIN").item())
 
 
 def full_state_dict(model) -> dict:
@@ -515,11 +530,57 @@ def prepare_run_dir(run_dir: str, resume: bool, log_name: str) -> int:
     return step
 
 
-def wandb_flag(p) -> None:
-    """The --wandb flag of both trainers."""
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log every record of the JSONL log (and the "
-                   "flags) to this Weights & Biases project, rank 0 only; needs `pip install wandb` (offline: "
-                   "WANDB_MODE=offline)")
+def run_flags(p, model: str, split: str, out: str, epochs: float) -> None:
+    """The flags both trainers take, with the defaults that differ between them as arguments. A flag whose default
+    is None is filled from the trainer's recipe table (`apply_recipe`)."""
+    g = p.add_argument_group("run (both trainers)")
+    a = g.add_argument
+    a("--model", default=model, help="start model: 'tiny' (random init), a HF folder (e.g. an SFT run's model/) or a "
+      "hub id")
+    a("--recipe", default=None, choices=RECIPES, help="the column of defaults (RECIPE) for every flag left unset: "
+      "default the recipe in the model folder's cello.json, else tiny for --model tiny, else paper")
+    a("--tokenizer", default=None, help="folder with tokenizer.json (default: the model's, or assets/ for tiny)")
+    a("--data", default="embedded", help="'embedded' (the PBMC cells) or a CellPuzzles file / folder / hub id")
+    a("--split", default=split, help="split of --data to train on")
+    a("--skip-bad", action="store_true", help="skip (and count) malformed rows of --data instead of failing")
+    a("--system", default=None, choices=["released", "short"], help="system turn: the released instruction or a "
+      "one-line one (default: the start model's cello.json, else the recipe's)")
+    a("--eval-data", default=None, help="held-out puzzles (default: --data's test split / embedded)")
+    a("--out", default=out, help="run folder: checkpoint/, model/ and the JSONL log")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--force-resume", action="store_true", help="with --resume: go on even though data flags or the data's content "
+      "changed (refused otherwise: the run would mix two setups)")
+    a("--steps", type=int, default=None, help="optimizer steps (GRPO: rollout batches); default: the recipe's, else "
+      "--epochs over a file dataset")
+    a("--epochs", type=float, default=epochs, help="epochs over a file dataset when --steps is not given")
+    a("--lr", type=float, default=None, help="peak learning rate")
+    a("--warmup", type=int, default=None, help="warmup steps")
+    a("--schedule", default=None, choices=["cosine", "linear", "constant"], help="lr after warmup")
+    a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (cosine / linear)")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    a("--clip", type=float, default=1.0, help="gradient clipping max norm")
+    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="CPU: bf16 autocast over fp32 weights "
+      "(rollouts from a bf16 copy), or fp32; auto: bf16 where the CPU has native bf16 (AMX, AVX512-BF16), else "
+      "fp32. GPU: always bf16 (FSDP2)")
+    a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    a("--eval-every", type=int, default=None, help="evaluate every k steps (and at the end); 0: end only")
+    a("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N)")
+    a("--eval-max-new-tokens", type=int, default=None, help="decode budget of the evaluation")
+    a("--save-every", type=int, default=None, help="checkpoint every k steps (and at the end)")
+    a("--seed", type=int, default=0, help="seed for init, data order, augmentation and sampling")
+    a("--debug", action="store_true", help="show the traceback of a known failure (bad path, file or value)")
+    a("--no-progress", action="store_true", help="no progress bars")
+    a("--wandb", default=None, metavar="PROJECT", help="also log every record of the JSONL log (and the flags) to "
+      "this Weights & Biases project, rank 0 only; needs `pip install wandb` (offline: WANDB_MODE=offline)")
+
+
+def parse_run_args(p, argv, table: dict[str, tuple]):
+    """Parse, refuse --wandb without the package, then fill the unset flags from the recipe table."""
+    args = p.parse_args(argv)
+    check_wandb(args)
+    args.recipe = pick_recipe(args.model, args.recipe)
+    apply_recipe(args, table)
+    return args
 
 
 def check_wandb(args) -> None:
@@ -569,6 +630,28 @@ class Log:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+@torch.no_grad()
+def adam_update_ratio(optim: torch.optim.AdamW, device) -> float:
+    """||the last AdamW update|| / ||weights|| over all parameters and ranks, recomputed from the optimizer state
+    (lr * m_hat / (sqrt(v_hat) + eps), as torch applies it; weight decay's small share left out): how far one step
+    moves the model, with no copy of the weights. 0 for an optimizer without Adam's state (SGD, Muon's matrices)."""
+    sq = torch.zeros(2, dtype=torch.float64, device=device)
+    for g in optim.param_groups:
+        if "betas" not in g:
+            continue
+        (b1, b2), lr, eps = g["betas"], g["lr"], g["eps"]
+        for p in g["params"]:
+            st = optim.state.get(p)
+            if not st:
+                continue
+            t = float(st["step"])
+            m, v = local(st["exp_avg"]).double(), local(st["exp_avg_sq"]).double()
+            u = lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+            sq += torch.stack([u.pow(2).sum(), local(p).double().pow(2).sum()])
+    sq = all_reduce(sq).tolist()
+    return math.sqrt(sq[0] / max(sq[1], 1e-30))
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -635,3 +718,104 @@ def eval_line(m: dict) -> str:
                      for n, v in sorted(m["by_n"].items()))
     return (f"eval | format {m['format_rate']:.3f} | cell {m['cell_acc']:.3f} | batch {m['batch_acc']:.3f} | "
             f"len {m['mean_len']:.0f} | per N (format/cell/batch) {per_n}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rollouts: n seeded samples per prompt, the same for any rank count; the sampled probes
+
+@dataclass
+class Rollout:
+    group: int              # global prompt index: the group of the n samples of one prompt
+    prompt: list[int]
+    tokens: list[int]       # generated ids up to and including the first stop id (if one was hit)
+    logprobs: list[float]   # the sampler's log_softmax(logits / T) of each token
+    finished: bool          # ended on a stop id
+    reward: float = 0.0
+    advantage: float = 0.0
+
+
+def trim_at_stop(tokens: list[int], logprobs: list[float], stop_ids) -> tuple[list[int], list[float], bool]:
+    """Cut after the first stop id (kept: the model learns to stop); -> (tokens, logprobs, finished)."""
+    for k, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:k + 1], logprobs[:k + 1], True
+    return tokens, logprobs, False
+
+
+def rollout_seed(seed: int, step: int, first_prompt: int) -> int:
+    return int(np.random.default_rng([seed, step, first_prompt]).integers(2 ** 62))
+
+
+def generate_rollouts(infer, prompts, args, step: int, stop_ids) -> list[Rollout]:
+    """prompts: [(global index, ids, payload)], contiguous indices. One generate call per --rollout-chunk piece."""
+    out, stops, i = [], set(stop_ids), 0
+    while i < len(prompts):
+        j = i + 1
+        while j < len(prompts) and prompts[j][0] // args.rollout_chunk == prompts[i][0] // args.rollout_chunk:
+            j += 1
+        piece = prompts[i:j]
+        comps = Sampler(infer).generate([ids for _, ids, _ in piece], n=args.n, max_new_tokens=args.max_new_tokens,
+                                        temperature=args.temperature, stop_token_ids=stop_ids,
+                                        seed=rollout_seed(args.seed, step, piece[0][0]), progress=False)
+        for c in comps:
+            g, ids, _ = piece[c.prompt_index]
+            out.append(Rollout(g, ids, *trim_at_stop(c.tokens, c.logprobs, stops)))
+        i = j
+    return out
+
+
+PROBE_STEP = 10 ** 9  # the rollout seed's "step" for probes: never a training step's
+
+
+def probe(infer, puzzles: list, args, tok, stops, system, score) -> dict:
+    """--group-size samples at --temperature of each puzzle (each rank a contiguous share, seeded): the share of
+    sampled completions that are exact, of puzzles with at least one exact sample (best of n), and of groups whose
+    rewards (`score`: the training reward) are all equal (no GRPO gradient), reduced over ranks. On held-out puzzles
+    this is the headroom GRPO can turn into greedy accuracy; on train prompts, against held-out, it shows how much the
+    policy has memorised."""
+    rank, world = (dist.get_rank() if dist.is_initialized() else 0), world_size()
+    per = -(-len(puzzles) // world)
+    mine = [(i, encode_chat(tok, messages(puzzles[i], system), True), puzzles[i])
+            for i in range(rank * per, min(len(puzzles), (rank + 1) * per))]
+    rollouts = generate_rollouts(infer, mine, args, PROBE_STEP, stops) if mine else []
+    exact, rewards = {}, {}
+    for r in rollouts:
+        text = tok.decode(r.tokens, skip_special_tokens=True)
+        exact.setdefault(r.group, []).append(reward.score(text, puzzles[r.group].answer, "batch") == 1.0)
+        rewards.setdefault(r.group, []).append(score(puzzles[r.group], text))
+    t = torch.tensor([len(exact), sum(sum(e) for e in exact.values()), sum(any(e) for e in exact.values()),
+                      sum(max(r) == min(r) for r in rewards.values())], dtype=torch.float64)
+    groups, hits, best, equal = all_reduce(t.to(next(infer.parameters()).device)).tolist()
+    return {"puzzles": int(groups), "sampled_exact": hits / max(groups * args.n, 1),
+            "best_of_n_exact": best / max(groups, 1), "equal_groups": equal / max(groups, 1)}
+
+
+class Evaluator:
+    """`evaluator(step)`: greedy decoding of the trained weights (or of `shadow`, an EMA of them) on the held-out
+    puzzles, logged with `samples` scored completions (`score`: the training reward). With `stream` (GRPO), also
+    `probe` (args.probe_puzzles; the sampling flags of GRPO) of every k-th held-out puzzle, all N alike, and of as
+    many train prompts far past any step's."""
+
+    def __init__(self, model, infer, tok, puzzles, args, log, score, samples: int = 3, stream=None, stops=None,
+                 shadow=None):
+        self.model, self.infer, self.tok, self.puzzles, self.args = model, infer, tok, puzzles, args
+        self.log, self.score, self.system, self.stops = log, score, system_turn(args.system), stops
+        self.samples, self.shadow = samples, shadow
+        k = args.probe_puzzles if stream is not None else 0
+        self.probes = {"heldout": puzzles[::max(1, len(puzzles) // k)][:k], "train": [
+            stream[PROBE_STEP + i] for i in range(k)]} if k else {}
+
+    def __call__(self, step: int):
+        sync_weights(self.model, self.infer, self.shadow)
+        m, texts = evaluate(self.infer, self.tok, self.puzzles, self.args.eval_max_new_tokens, progress=False,
+                            system=self.system)
+        probes = {name: probe(self.infer, ps, self.args, self.tok, self.stops, self.system, self.score)
+                  for name, ps in self.probes.items()}
+        k = self.samples
+        pick = list(range(0, len(self.puzzles), max(1, len(self.puzzles) // max(k, 1))))[:k]
+        samples = [{"reward": self.score(self.puzzles[i], texts[i]), "answer": self.puzzles[i].answer,
+                    "completion": texts[i]} for i in pick]
+        lines = "".join(f"\n  probe {name}: exact {p['sampled_exact']:.3f} sampled, {p['best_of_n_exact']:.3f} best "
+                        f"of {self.args.n}, {p['equal_groups']:.2f} of groups all-equal" for name, p in probes.items())
+        self.log({"step": step, "eval": m, "probe": probes, "samples": samples}, f"step {step} {eval_line(m)}" + lines
+                 + "".join(f"\n  reward {s['reward']:+.2f} | {s['completion'][:160]!r}" for s in samples))

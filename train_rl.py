@@ -43,13 +43,12 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import importlib.util
 import math
 import os
+import runpy
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
@@ -58,17 +57,19 @@ from tqdm import tqdm
 import data
 import reward
 from model import encode_chat, load_tokenizer, stop_token_ids
-from sampler import Sampler, pad64
-from train_common import (CpuThreads, Log, all_reduce, apply_recipe, autocast, build_model, check_data, check_resume,
-                          check_wandb, eval_line, eval_puzzles, eval_source, evaluate, guarded, infer_dtype,
-                          inference_copy, init_distributed, load_checkpoint, load_rows, local, lr_at, messages,
-                          model_card, pick_recipe, prepare_run_dir, publish_model, save_checkpoint, shard,
-                          sync_weights, system_turn, tokenizer_source, wandb_flag, world_size)
+from sampler import pad64
+from train_common import (CpuThreads, Evaluator, Log, Rollout, adam_update_ratio, all_reduce, autocast, build_model,
+                          check_data, check_resume, eval_puzzles, eval_source, generate_rollouts, guarded,
+                          infer_dtype, inference_copy, init_distributed, load_checkpoint, load_rows, lr_at,
+                          messages, model_card, parse_run_args, prepare_run_dir, publish_model, reduced, run_flags,
+                          save_checkpoint, shard, sync_weights, system_turn, tokenizer_source, weights_finite,
+                          world_size)
 
 # The recipes: flag -> (tiny, paper).
 RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 3000), "kl_coef": (0.0, 1e-3),
           "micro_batch": (16, 2), "lr": (5e-5, 1e-6), "eval_every": (25, 100), "eval_puzzles": (20, 200),
-          "eval_max_new_tokens": (512, 3500), "save_every": (25, 100)}
+          "eval_max_new_tokens": (512, 3500), "save_every": (25, 100), "warmup": (0, 0),
+          "schedule": ("constant", "constant"), "weight_decay": (0.01, 0.01)}  # verl's actor: constant lr, decay 0.01
 # The flags that define the run's prompts, samples and rewards: a resumed run must keep them.
 DATA_FLAGS = ("seed", "data", "split", "prompts", "prompts_per_step", "n", "temperature", "max_new_tokens",
               "reward_mode", "reward_fn")
@@ -165,47 +166,6 @@ def token_logprobs_and_entropy(logits, targets, temperature: float, chunk: int =
 # Rollouts and micro-batches
 
 @dataclass
-class Rollout:
-    group: int              # global prompt index: the group of the n samples of one prompt
-    prompt: list[int]
-    tokens: list[int]       # generated ids up to and including the first stop id (if one was hit)
-    logprobs: list[float]   # the sampler's log_softmax(logits / T) of each token
-    finished: bool          # ended on a stop id
-    reward: float = 0.0
-    advantage: float = 0.0
-
-
-def trim_at_stop(tokens: list[int], logprobs: list[float], stop_ids) -> tuple[list[int], list[float], bool]:
-    """Cut after the first stop id (kept: the model learns to stop); -> (tokens, logprobs, finished)."""
-    for k, t in enumerate(tokens):
-        if t in stop_ids:
-            return tokens[:k + 1], logprobs[:k + 1], True
-    return tokens, logprobs, False
-
-
-def rollout_seed(seed: int, step: int, first_prompt: int) -> int:
-    return int(np.random.default_rng([seed, step, first_prompt]).integers(2 ** 62))
-
-
-def generate_rollouts(infer, prompts, args, step: int, stop_ids) -> list[Rollout]:
-    """prompts: [(global index, ids, payload)], contiguous indices. One generate call per --rollout-chunk piece."""
-    out, stops, i = [], set(stop_ids), 0
-    while i < len(prompts):
-        j = i + 1
-        while j < len(prompts) and prompts[j][0] // args.rollout_chunk == prompts[i][0] // args.rollout_chunk:
-            j += 1
-        piece = prompts[i:j]
-        comps = Sampler(infer).generate([ids for _, ids, _ in piece], n=args.n, max_new_tokens=args.max_new_tokens,
-                                        temperature=args.temperature, stop_token_ids=stop_ids,
-                                        seed=rollout_seed(args.seed, step, piece[0][0]), progress=False)
-        for c in comps:
-            g, ids, _ = piece[c.prompt_index]
-            out.append(Rollout(g, ids, *trim_at_stop(c.tokens, c.logprobs, stops)))
-        i = j
-    return out
-
-
-@dataclass
 class Micro:
     """One packed row of rollouts for `model(x, positions=pos, prefix_groups=segments)`: the rollouts of one prompt
     that sit next to each other share one copy of it, a segment (P, n, C) (see model.shared_prefix_attention), so a
@@ -294,37 +254,12 @@ class Meter:
             self.v[k] = min(self.v[k], x) if k in self.MINS else max(self.v[k], x) if k in self.MAXS else self.v[k] + x
 
     def reduce(self, device) -> dict:
-        out = {}
-        for keys, op in ((self.SUMS, "SUM"), (self.MINS, "MIN"), (self.MAXS, "MAX")):
-            t = all_reduce(torch.tensor([self.v[k] for k in keys], dtype=torch.float64, device=device), op)
-            out.update(zip(keys, t.tolist()))
-        return out
+        return {k: v for keys, op in ((self.SUMS, "SUM"), (self.MINS, "MIN"), (self.MAXS, "MAX"))
+                for k, v in reduced({k: self.v[k] for k in keys}, device, op).items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # One GRPO step
-
-@torch.no_grad()
-def adam_update_ratio(optim: torch.optim.AdamW, device) -> float:
-    """||the last AdamW update|| / ||weights|| over all parameters and ranks, recomputed from the optimizer state
-    (lr * m_hat / (sqrt(v_hat) + eps), as torch applies it; weight decay's small share left out): how far one step
-    moves the model, with no copy of the weights. 0 for an optimizer without Adam's state (the tests' SGD)."""
-    sq = torch.zeros(2, dtype=torch.float64, device=device)
-    for g in optim.param_groups:
-        if "betas" not in g:
-            continue
-        (b1, b2), lr, eps = g["betas"], g["lr"], g["eps"]
-        for p in g["params"]:
-            st = optim.state.get(p)
-            if not st:
-                continue
-            t = float(st["step"])
-            m, v = local(st["exp_avg"]).double(), local(st["exp_avg_sq"]).double()
-            u = lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
-            sq += torch.stack([u.pow(2).sum(), local(p).double().pow(2).sum()])
-    sq = all_reduce(sq).tolist()
-    return math.sqrt(sq[0] / max(sq[1], 1e-30))
-
 
 def minibatch_backward(model, micros: list[Micro], args, n_tokens: float, n_seqs: float, meter: Meter,
                        first_epoch: bool, poison: bool = False) -> float:
@@ -378,14 +313,8 @@ def minibatches(kept: list[Rollout], args, device) -> tuple[list[list[Micro]], l
     return minis, tokens, seqs
 
 
-def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, stop_ids) -> tuple[dict, list[Rollout]]:
-    """One GRPO step on this rank's `prompts` [(global index, prompt ids, payload)]; reward_fn(payload, tokens) ->
-    float. Every rank must call it (collectives). Returns (the step's metrics, reduced over ranks; this rank's
-    rollouts). Runs without a process group too (1 rank), on a plain or an FSDP2 model."""
-    assert (ref is None) == (args.kl_coef == 0), "a reference model exactly when --kl-coef > 0"
-    device = next(model.parameters()).device
-    t0 = time.time()
-    sync_weights(model, infer)  # rollouts from the weights being trained
+def scored_rollouts(infer, prompts, reward_fn, args, step: int, stop_ids):
+    """n rollouts per prompt with their rewards and group advantages -> (rollouts, advantages (G, n), equal (G,))."""
     rollouts = generate_rollouts(infer, prompts, args, step, stop_ids)
     payload = {g: p for g, _, p in prompts}
     for r in rollouts:
@@ -394,6 +323,18 @@ def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, sto
     adv, equal = group_advantages(rewards, args.adv_std_norm)
     for r, a in zip(rollouts, adv.flatten().tolist()):
         r.advantage = a
+    return rollouts, adv, equal
+
+
+def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, stop_ids) -> tuple[dict, list[Rollout]]:
+    """One GRPO step on this rank's `prompts` [(global index, prompt ids, payload)]; reward_fn(payload, tokens) ->
+    float. Every rank must call it (collectives). Returns (the step's metrics, reduced over ranks; this rank's
+    rollouts). Runs without a process group too (1 rank), on a plain or an FSDP2 model."""
+    assert (ref is None) == (args.kl_coef == 0), "a reference model exactly when --kl-coef > 0"
+    device = next(model.parameters()).device
+    t0 = time.time()
+    sync_weights(model, infer)  # rollouts from the weights being trained
+    rollouts, adv, equal = scored_rollouts(infer, prompts, reward_fn, args, step, stop_ids)
     drop = {prompts[i][0] for i in range(len(prompts)) if args.drop_equal_groups and equal[i]}
     kept = [r for r in rollouts if r.group not in drop]
     t_roll = time.time() - t0
@@ -437,11 +378,9 @@ def grpo_step(model, infer, ref, optim, prompts, reward_fn, args, step: int, sto
             "finished": sum(r.finished for r in rollouts), "adv": float(adv.sum()), "adv2": float((adv ** 2).sum()),
             "groups": len(prompts), "equal": float(equal.sum()), "dropped": len(drop),
             "train_tokens": sum(len(r.prompt) + len(r.tokens) for r in kept)}
-    sums = dict(zip(sums, all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=device)).tolist()))
-    maxs = {"len": max(len(r.tokens) for r in rollouts), "adv": float(adv.max()), "-adv": float(-adv.min()),
-            "rollout_s": t_roll}
-    maxs = dict(zip(maxs, all_reduce(torch.tensor(list(maxs.values()), dtype=torch.float64, device=device),
-                                     "MAX").tolist()))
+    sums = reduced(sums, device)
+    maxs = reduced({"len": max(len(r.tokens) for r in rollouts), "adv": float(adv.max()), "-adv": float(-adv.min()),
+                    "rollout_s": t_roll}, device, "MAX")
     N, n_tok = sums["n"], max(s["tokens"], 1.0)
     std = lambda k: math.sqrt(max(sums[k + "2"] / N - (sums[k] / N) ** 2, 0.0))  # noqa: E731
     done = [u for u in updates if not u["skipped"]]
@@ -481,13 +420,7 @@ def prompts(args) -> data.PuzzleStream:
 def load_reward_fn(spec: str):
     """"file.py:name" or "module:name" -> the callable (puzzle, completion text) -> float."""
     where, name = spec.rsplit(":", 1)
-    if where.endswith(".py"):
-        s = importlib.util.spec_from_file_location("custom_reward", where)
-        module = importlib.util.module_from_spec(s)
-        s.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    return getattr(module, name)
+    return (runpy.run_path(where) if where.endswith(".py") else vars(importlib.import_module(where)))[name]
 
 
 def puzzle_reward(tok, mode: str, custom=None):
@@ -503,25 +436,10 @@ def steps_list(s: str) -> set[int]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    a = p.add_argument
-    a("--model", default="runs/sft/model", help="start model: a HF folder (e.g. an SFT run's model/), a hub id, "
-      "or 'tiny' (random init)")
-    a("--recipe", default=None, choices=["tiny", "paper"], help="the column of defaults (RECIPE) for every flag left "
-      "unset: default the recipe in the model folder's cello.json, else tiny for --model tiny, else paper")
-    a("--tokenizer", default=None, help="folder with tokenizer.json (default: the model's, or assets/ for tiny)")
-    a("--data", default="embedded", help="'embedded' (fresh PBMC puzzles) or a CellPuzzles file / folder / hub id")
-    a("--split", default="train", help="split of --data to draw prompts from")
+    run_flags(p, model="runs/sft/model", split="train", out="runs/rl", epochs=20.0)
+    a = p.add_argument_group("GRPO").add_argument
     a("--prompts", default="rl", choices=["rl", "sft"], help="embedded data: puzzles of the train cells kept away "
       "from SFT (rl), or of SFT's own cells (sft: the policy knows them by heart), thinned afresh")
-    a("--skip-bad", action="store_true", help="skip malformed rows of --data instead of failing")
-    a("--system", default=None, choices=["released", "short"], help="system turn (default: the one recorded in the "
-      "model folder's cello.json, else released)")
-    a("--eval-data", default=None, help="held-out puzzles (default: --data's test split / embedded)")
-    a("--out", default="runs/rl", help="run folder: checkpoint/, model/, rl_log.jsonl")
-    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--steps", type=int, default=None, help="RL steps (default: --epochs over a file dataset, 100 on the "
-      "embedded data)")
-    a("--epochs", type=float, default=20.0, help="epochs over a file dataset when --steps is not given (reference 20)")
     a("--prompts-per-step", type=int, default=None, help="prompts per step, all ranks")
     a("--n", "--group-size", dest="n", type=int, default=None, help="samples per prompt, the GRPO group. Under "
       "torchrun write --group-size: torchrun's parser takes a bare --n for its own options")
@@ -551,43 +469,18 @@ def parse_args(argv=None):
     a("--mini-batches", type=int, default=1, help="optimizer steps per pass (the rollout batch split by group)")
     a("--micro-batch", type=int, default=None, help="rollouts per forward per rank, packed into one row (a "
       "group's prompt once)")
-    a("--lr", type=float, default=None, help="learning rate")
-    a("--warmup", type=int, default=0, help="warmup steps")
-    a("--schedule", default="constant", choices=["constant", "cosine", "linear"], help="lr after warmup")
-    a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (cosine / linear)")
-    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (verl's actor default)")
-    a("--clip", type=float, default=1.0, help="gradient clipping max norm")
-    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16: rollouts from a bf16 copy, CPU "
-      "training under bf16 autocast; fp32: both fp32 (on GPU FSDP2 still computes in bf16); auto: bf16 on GPU and "
-      "on a CPU with native bf16 (AMX, AVX512-BF16), else fp32")
     a("--logprob-chunk", type=int, default=512, help="rows per chunk of the trainer's fp32 log_softmax")
-    a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     a("--max-bad-steps", type=int, default=3, help="stop after this many steps in a row with a non-finite loss/grad")
     a("--inject-nan", type=steps_list, default=set(), help="testing: comma list of 1-based steps whose loss is NaN")
-    a("--eval-every", type=int, default=None, help="evaluate every k steps and at the end; 0: end only")
     a("--eval-before", action="store_true", help="also evaluate the start model before the first step")
-    a("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N)")
-    a("--eval-max-new-tokens", type=int, default=None, help="evaluation decode budget")
     a("--log-samples", type=int, default=3, help="completions (with rewards) logged at each evaluation")
     a("--probe-puzzles", type=int, default=12, help="at each evaluation, --group-size samples of this many held-out "
       "puzzles and as many train prompts: sampled and best-of-n exact share, all-equal groups (0: off)")
-    a("--save-every", type=int, default=None, help="checkpoint every k steps and at the end")
-    a("--seed", type=int, default=0, help="seed for prompts, data order and sampling")
-    a("--debug", action="store_true", help="show the traceback of a known failure (bad path, file or value)")
-    a("--force-resume", action="store_true", help="with --resume: go on even though data flags or the data's content "
-      "changed (refused otherwise: the run would mix two setups)")
-    a("--no-progress", action="store_true", help="no progress bar")
-    wandb_flag(p)
-    args = p.parse_args(argv)
-    check_wandb(args)
-    return resolve_defaults(args)
+    return resolve_defaults(parse_run_args(p, argv, RECIPE))
 
 
 def resolve_defaults(args):
-    """The recipe's defaults for every flag left unset (train_common.pick_recipe), the system turn from the model
-    folder's cello.json, and the checks no single flag can make."""
-    args.recipe = pick_recipe(args.model, args.recipe)
-    apply_recipe(args, RECIPE)
+    """The system turn from the model folder's cello.json, and the checks no single flag can make."""
     args.system = args.system or model_card(args.model).get("system") or "released"
     checks = [(args.temperature > 0, "--temperature must be > 0 (GRPO samples; evaluation is greedy)"),
               (args.n >= 2, f"--group-size {args.n}: a group needs at least 2 samples (advantages are relative)"),
@@ -641,65 +534,6 @@ def step_line(rec: dict, steps: int) -> str:
             + (f" | SKIPPED {rec['skipped']} non-finite update(s)" if rec["skipped"] else ""))
 
 
-def weights_finite(model, device) -> bool:
-    """All ranks agree: every local shard of every weight is finite."""
-    ok = float(all(local(p).isfinite().all() for p in model.parameters()))
-    return bool(all_reduce(torch.tensor([ok], device=device), "MIN").item())
-
-
-PROBE_STEP = 10 ** 9  # the rollout seed's "step" for probes: never a training step's
-
-
-def probe(infer, puzzles: list, args, tok, stops, system, score) -> dict:
-    """--group-size samples at --temperature of each puzzle (each rank a contiguous share, seeded): the share of
-    sampled completions that are exact, of puzzles with at least one exact sample (best of n), and of groups whose
-    rewards (`score`: the training reward) are all equal (no GRPO gradient), reduced over ranks. On held-out puzzles
-    this is the headroom GRPO can turn into greedy accuracy; on train prompts, against held-out, it shows how much the
-    policy has memorised."""
-    rank, world = (dist.get_rank() if dist.is_initialized() else 0), world_size()
-    per = -(-len(puzzles) // world)
-    mine = [(i, encode_chat(tok, messages(puzzles[i], system), True), puzzles[i])
-            for i in range(rank * per, min(len(puzzles), (rank + 1) * per))]
-    rollouts = generate_rollouts(infer, mine, args, PROBE_STEP, stops) if mine else []
-    exact, rewards = {}, {}
-    for r in rollouts:
-        text = tok.decode(r.tokens, skip_special_tokens=True)
-        exact.setdefault(r.group, []).append(reward.score(text, puzzles[r.group].answer, "batch") == 1.0)
-        rewards.setdefault(r.group, []).append(score(puzzles[r.group], text))
-    t = torch.tensor([len(exact), sum(sum(e) for e in exact.values()), sum(any(e) for e in exact.values()),
-                      sum(max(r) == min(r) for r in rewards.values())], dtype=torch.float64)
-    groups, hits, best, equal = all_reduce(t.to(next(infer.parameters()).device)).tolist()
-    return {"puzzles": int(groups), "sampled_exact": hits / max(groups * args.n, 1),
-            "best_of_n_exact": best / max(groups, 1), "equal_groups": equal / max(groups, 1)}
-
-
-class Evaluator:
-    """Greedy decoding of the current weights on the held-out puzzles, logged with a few scored samples."""
-
-    def __init__(self, model, infer, tok, puzzles, args, log, score, stream, stops):
-        self.model, self.infer, self.tok, self.puzzles, self.args = model, infer, tok, puzzles, args
-        self.log, self.score, self.system, self.stops = log, score, system_turn(args.system), stops
-        # the probes: every k-th held-out puzzle (all N alike), and as many train prompts far past any step's
-        k = args.probe_puzzles
-        self.probes = {"heldout": puzzles[::max(1, len(puzzles) // k)][:k] if k else [],
-                       "train": [stream[PROBE_STEP + i] for i in range(k)]}
-
-    def __call__(self, step: int):
-        sync_weights(self.model, self.infer)
-        m, texts = evaluate(self.infer, self.tok, self.puzzles, self.args.eval_max_new_tokens, progress=False,
-                            system=self.system)
-        probes = {name: probe(self.infer, ps, self.args, self.tok, self.stops, self.system, self.score)
-                  for name, ps in self.probes.items() if ps}
-        k = self.args.log_samples
-        pick = list(range(0, len(self.puzzles), max(1, len(self.puzzles) // max(k, 1))))[:k]
-        samples = [{"reward": self.score(self.puzzles[i], texts[i]), "answer": self.puzzles[i].answer,
-                    "completion": texts[i]} for i in pick]
-        lines = "".join(f"\n  probe {name}: exact {p['sampled_exact']:.3f} sampled, {p['best_of_n_exact']:.3f} best "
-                        f"of {self.args.n}, {p['equal_groups']:.2f} of groups all-equal" for name, p in probes.items())
-        self.log({"step": step, "eval": m, "probe": probes, "samples": samples}, f"step {step} {eval_line(m)}" + lines
-                 + "".join(f"\n  reward {s['reward']:+.2f} | {s['completion'][:160]!r}" for s in samples))
-
-
 def main(argv=None):
     args = parse_args(argv)
     held_out = eval_source(args)  # refused before anything is built when it would be the training rows
@@ -732,7 +566,7 @@ def main(argv=None):
     stops = stop_token_ids(tok, model_dir)
     log = Log(os.path.join(args.out, "rl_log.jsonl"), args.wandb, vars(args))
     eval_set = eval_puzzles(held_out, args.eval_puzzles, args.seed + 1)
-    run_eval = Evaluator(model, infer, tok, eval_set, args, log, score, stream, stops)
+    run_eval = Evaluator(model, infer, tok, eval_set, args, log, score, args.log_samples, stream, stops)
     per_rank = args.prompts_per_step // world
     system = system_turn(args.system)
     card = {"recipe": args.recipe, "system": args.system}

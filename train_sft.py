@@ -30,13 +30,13 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 import data
+import reward
 from model import Transformer, encode_chat, load_tokenizer
 from sampler import pad64
-from train_common import (CpuThreads, Log, apply_recipe, autocast, build_model, check_data, check_resume,
-                          check_wandb, eval_line, eval_puzzles, eval_source, evaluate, guarded, infer_dtype,
-                          inference_copy, init_distributed, load_checkpoint, load_rows, local, lr_at, messages,
-                          pick_recipe, prepare_run_dir, publish_model, save_checkpoint, shard, sync_weights,
-                          system_turn, tokenizer_source, wandb_flag)
+from train_common import (CpuThreads, Evaluator, Log, autocast, build_model, check_data, check_resume,
+                          eval_puzzles, eval_source, guarded, infer_dtype, inference_copy, init_distributed,
+                          load_checkpoint, load_rows, local, lr_at, messages, parse_run_args, prepare_run_dir,
+                          publish_model, run_flags, save_checkpoint, shard, system_turn, tokenizer_source)
 
 # The recipes: flag -> (tiny, paper). The tiny column was chosen by measurement (docs/experiments.md): small batches
 # and many optimizer steps, N growing from 3 (curriculum) and drawn in proportion to N, the one-line system turn, the
@@ -250,19 +250,10 @@ def pack(batch: list[tuple[list[int], int]], device):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    a = p.add_argument
-    a("--model", default="tiny", help="'tiny' (from scratch, CPU default), a HF folder or a hub id")
-    a("--recipe", default=None, choices=["tiny", "paper"], help="the column of defaults (RECIPE) for every flag left "
-      "unset: default the recipe in the model folder's cello.json, else tiny for --model tiny, else paper")
-    a("--tokenizer", default=None, help="folder with tokenizer.json (default: the model's, or assets/)")
-    a("--data", default="embedded", help="'embedded' (PBMC puzzles + teacher traces) or a CellPuzzles file / folder / "
-      "hub id whose reasoning split is used")
-    a("--split", default="reasoning", help="split of --data to train on")
+    run_flags(p, model="tiny", split="reasoning", out="runs/sft", epochs=1.0)
+    a = p.add_argument_group("SFT").add_argument
     a("--cells", default="sft", choices=["sft", "all"], help="embedded data: SFT's share of the train cells, or all "
       "of them, the share kept for GRPO's prompts included (a control: SFT given the cells GRPO would get)")
-    a("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of failing")
-    a("--system", default=None, choices=["released", "short"], help="system turn: the released instruction, or a "
-      "one-line one")
     a("--trace-order", default=None, choices=["cell", "fix"], help="embedded teacher traces: cells in order, each "
       "resolved at once, or 'fix': every cell's best fit in cell order, then the repeated types resolved")
     a("--mix", type=float, default=None, help="embedded data: probability that a train cell is pooled with another "
@@ -275,42 +266,15 @@ def parse_args(argv=None):
       "curriculum's range, or with probability proportional to N")
     a("--curriculum", type=float, default=None, help="embedded data: fraction of the run over which the largest N "
       "grows from the smallest to the largest of the range (0: the full range from step 0)")
-    a("--eval-data", default=None, help="held-out puzzles (default: --data's test split / embedded)")
-    a("--out", default="runs/sft", help="run folder: checkpoint/, model/, sft_log.jsonl")
-    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--steps", type=int, default=None, help="optimizer steps (paper: --epochs over the file)")
-    a("--epochs", type=float, default=1.0, help="epochs over a file dataset when --steps is not given")
     a("--batch-size", type=int, default=None, help="global batch in sequences")
     a("--micro-batch", type=int, default=None, help="sequences per forward per rank (packed into one row)")
-    a("--lr", type=float, default=None, help="peak learning rate")
     a("--optim", default=None, choices=["adamw", "muon"], help="AdamW on all weights, or Muon on the blocks' "
       "matrices + AdamW on the rest")
     a("--muon-lr", type=float, default=None, help="peak lr of Muon's matrices (with --optim muon)")
     a("--ema", type=float, default=None, help="decay of an exponential moving average of the weights (from half the "
       "run on), the model evaluated and published; 0: off, the last weights")
-    a("--warmup", type=int, default=None, help="warmup steps")
-    a("--schedule", default=None, choices=["cosine", "linear", "constant"], help="decay after warmup")
-    a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
-    a("--weight-decay", type=float, default=None, help="AdamW weight decay")
-    a("--clip", type=float, default=1.0, help="gradient clipping max norm")
     a("--max-len", type=int, default=4096, help="longest training sequence in tokens (longer is an error)")
-    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="CPU: bf16 autocast over fp32 weights, or "
-      "fp32; auto: bf16 where the CPU has native bf16 (AMX, AVX512-BF16), else fp32. GPU: always bf16 (FSDP2)")
-    a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
-    a("--eval-every", type=int, default=None, help="evaluate every k steps (and at the end); 0: end only")
-    a("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N)")
-    a("--eval-max-new-tokens", type=int, default=None, help="decode budget of the evaluation")
-    a("--save-every", type=int, default=None, help="checkpoint every k steps (and at the end)")
-    a("--seed", type=int, default=0, help="seed for init, data order and augmentation")
-    a("--debug", action="store_true", help="show the traceback of a known failure (bad path, file or value)")
-    a("--force-resume", action="store_true", help="with --resume: go on even though data flags or the data's content "
-      "changed (refused otherwise: the run would mix two setups)")
-    a("--no-progress", action="store_true", help="no progress bars")
-    wandb_flag(p)
-    args = p.parse_args(argv)
-    check_wandb(args)
-    args.recipe = pick_recipe(args.model, args.recipe)
-    apply_recipe(args, RECIPE)
+    args = parse_run_args(p, argv, RECIPE)
     for k in ("mix", "ambient", "easy_keep"):
         if not 0 <= getattr(args, k) <= 1:
             p.error(f"--{k.replace('_', '-')} is a probability: got {getattr(args, k)}, need 0..1")
@@ -387,10 +351,8 @@ def main(argv=None):
     system = system_turn(args.system)
     card = {"recipe": args.recipe, "system": args.system}
 
-    def run_eval(step):  # with --ema the average is the model evaluated
-        sync_weights(model, infer, ema.shadow if ema else None)
-        m, texts = evaluate(infer, tok, eval_set, args.eval_max_new_tokens, progress=False, system=system)
-        log({"step": step, "eval": m, "samples": texts[:2]}, f"step {step} {eval_line(m)}")
+    score = lambda p, text: reward.score(text, p.answer, "mixed")  # noqa: E731
+    run_eval = Evaluator(model, infer, tok, eval_set, args, log, score, shadow=ema.shadow if ema else None)
 
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="sft", disable=rank != 0 or args.no_progress)
     threads = CpuThreads(device)
@@ -427,7 +389,7 @@ def main(argv=None):
             publish_model(args.out)
     log.close()
     dist.barrier()
-    del model, optim, infer, ema  # free before destroy_process_group: a rank sometimes aborts at exit otherwise
+    del model, optim, infer, ema, run_eval  # free before destroy_process_group: a rank sometimes aborts at exit otherwise
     gc.collect()
     dist.destroy_process_group()
 

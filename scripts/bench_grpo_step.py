@@ -20,7 +20,8 @@ import data  # noqa: E402
 from model import encode_chat, load_tokenizer  # noqa: E402
 from sampler import pad64  # noqa: E402
 from train_common import SHORT_SYSTEM, build_model, messages, tokenizer_source  # noqa: E402
-from train_rl import Rollout, micro_logits, pack_rollouts  # noqa: E402
+from train_common import Rollout  # noqa: E402
+from train_rl import micro_logits, pack_rollouts  # noqa: E402
 
 
 def padded_logits(model, rows):

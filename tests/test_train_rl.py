@@ -16,9 +16,9 @@ import torch
 import data
 import reward
 from model import ModelConfig, Transformer, load_tokenizer
-from train_rl import (Rollout, adam_update_ratio, aggregate, generate_rollouts, group_advantages, grpo_step, kl_terms,
-                      micro_logits, micro_logprobs, pack_rollouts, parse_args, policy_loss, puzzle_reward, tis_weights,
-                      token_logprobs_and_entropy, trim_at_stop)
+from train_common import Rollout, adam_update_ratio, generate_rollouts, trim_at_stop
+from train_rl import (aggregate, group_advantages, grpo_step, kl_terms, micro_logits, micro_logprobs, pack_rollouts,
+                      parse_args, policy_loss, puzzle_reward, tis_weights, token_logprobs_and_entropy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -350,11 +350,11 @@ def test_recipe_and_system_come_from_the_model_folder(tmp_path):
 def test_probe_counts_by_hand(monkeypatch):
     """probe() on three puzzles x 2 samples whose texts are set: exact, wrong | wrong, wrong | exact, exact. Sampled
     exact 3 / 6, best of 2: 2 / 3 puzzles, all-equal rewards: puzzles 2 and 3."""
-    import train_rl
+    import train_common
     ps = [data.make_puzzle("The cell is from the blood. ", [["LYZ"], ["CD3D"]], ["A", "B"]) for _ in range(3)]
     right, wrong = "<think>x</think>\n<answer>A | B</answer>", "<think>x</think>\n<answer>B | A</answer>"
     texts = {0: [right, wrong], 1: [wrong, wrong], 2: [right, right]}
-    monkeypatch.setattr(train_rl, "generate_rollouts", lambda infer, mine, args, step, stops: [
+    monkeypatch.setattr(train_common, "generate_rollouts", lambda infer, mine, args, step, stops: [
         Rollout(g, ids, [g, j], [0.0, 0.0], True) for g, ids, _ in mine for j in range(2)])
 
     class Tok:  # decodes rollout tokens [group, sample] to the set texts
@@ -365,7 +365,7 @@ def test_probe_counts_by_hand(monkeypatch):
             return texts[tokens[0]][tokens[1]]
     args = make_args("--n", "2")
     score = lambda p, text: reward.score(text, p.answer, "mixed")  # noqa: E731
-    got = train_rl.probe(toy_model(), ps, args, Tok(), [], "system", score)
+    got = train_common.probe(toy_model(), ps, args, Tok(), [], "system", score)
     assert got == {"puzzles": 3, "sampled_exact": 0.5, "best_of_n_exact": pytest.approx(2 / 3),
                    "equal_groups": pytest.approx(2 / 3)}
 
