@@ -817,5 +817,6 @@ class Evaluator:
                     "completion": texts[i]} for i in pick]
         lines = "".join(f"\n  probe {name}: exact {p['sampled_exact']:.3f} sampled, {p['best_of_n_exact']:.3f} best "
                         f"of {self.args.n}, {p['equal_groups']:.2f} of groups all-equal" for name, p in probes.items())
-        self.log({"step": step, "eval": m, "probe": probes, "samples": samples}, f"step {step} {eval_line(m)}" + lines
+        self.log({"step": step, "eval": m, **({"probe": probes} if probes else {}), "samples": samples},
+                 f"step {step} {eval_line(m)}" + lines
                  + "".join(f"\n  reward {s['reward']:+.2f} | {s['completion'][:160]!r}" for s in samples))
