@@ -1,7 +1,7 @@
 """What both trainers share: the flags they have in common, recipes, the process group, FSDP2, the model and its
 inference copy, run folders, checkpoints, the log, the lr schedule, the prompt, seeded rollouts (n samples per
-prompt, the same for any rank count) and evaluation (greedy, and the sampled probes). train_sft.py and train_rl.py import this
-file and nothing of each other.
+prompt, the same for any rank count) and evaluation (greedy, and the sampled probes). train_sft.py and train_rl.py
+import this file and nothing of each other.
 
 Facts this file implements:
   - one code path for 1 and N processes: plain `python` runs as a 1-rank process group (gloo on CPU, NCCL on GPU);
@@ -302,12 +302,6 @@ def sync_weights(trained: Transformer, infer: Transformer, src: dict | None = No
         p.copy_(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
-def weights_finite(model, device) -> bool:
-    """All ranks agree: every local shard of every weight is finite."""
-    ok = float(all(local(p).isfinite().all() for p in model.parameters()))
-    return bool(all_reduce(torch.tensor([ok], device=device), "MIN").item())
-
-
 def full_state_dict(model) -> dict:
     """The unsharded state dict on rank 0 (CPU), empty elsewhere: for the Hugging Face checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -544,14 +538,14 @@ def run_flags(p, model: str, split: str, out: str, epochs: float) -> None:
     a("--split", default=split, help="split of --data to train on")
     a("--skip-bad", action="store_true", help="skip (and count) malformed rows of --data instead of failing")
     a("--system", default=None, choices=["released", "short"], help="system turn: the released instruction or a "
-      "one-line one (default: the start model's cello.json, else the recipe's)")
+      "one-line one (default: SFT the recipe's; GRPO the start model's cello.json, else released)")
     a("--eval-data", default=None, help="held-out puzzles (default: --data's test split / embedded)")
     a("--out", default=out, help="run folder: checkpoint/, model/ and the JSONL log")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--force-resume", action="store_true", help="with --resume: go on even though data flags or the data's content "
       "changed (refused otherwise: the run would mix two setups)")
     a("--steps", type=int, default=None, help="optimizer steps (GRPO: rollout batches); default: the recipe's, else "
-      "--epochs over a file dataset")
+      "--epochs over a file dataset (GRPO on the embedded data: 100)")
     a("--epochs", type=float, default=epochs, help="epochs over a file dataset when --steps is not given")
     a("--lr", type=float, default=None, help="peak learning rate")
     a("--warmup", type=int, default=None, help="warmup steps")
@@ -630,28 +624,6 @@ class Log:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
-
-
-@torch.no_grad()
-def adam_update_ratio(optim: torch.optim.AdamW, device) -> float:
-    """||the last AdamW update|| / ||weights|| over all parameters and ranks, recomputed from the optimizer state
-    (lr * m_hat / (sqrt(v_hat) + eps), as torch applies it; weight decay's small share left out): how far one step
-    moves the model, with no copy of the weights. 0 for an optimizer without Adam's state (SGD, Muon's matrices)."""
-    sq = torch.zeros(2, dtype=torch.float64, device=device)
-    for g in optim.param_groups:
-        if "betas" not in g:
-            continue
-        (b1, b2), lr, eps = g["betas"], g["lr"], g["eps"]
-        for p in g["params"]:
-            st = optim.state.get(p)
-            if not st:
-                continue
-            t = float(st["step"])
-            m, v = local(st["exp_avg"]).double(), local(st["exp_avg_sq"]).double()
-            u = lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
-            sq += torch.stack([u.pow(2).sum(), local(p).double().pow(2).sum()])
-    sq = all_reduce(sq).tolist()
-    return math.sqrt(sq[0] / max(sq[1], 1e-30))
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int, schedule: str, min_ratio: float) -> float:

@@ -58,12 +58,11 @@ import data
 import reward
 from model import encode_chat, load_tokenizer, stop_token_ids
 from sampler import pad64
-from train_common import (CpuThreads, Evaluator, Log, Rollout, adam_update_ratio, all_reduce, autocast, build_model,
-                          check_data, check_resume, eval_puzzles, eval_source, generate_rollouts, guarded,
-                          infer_dtype, inference_copy, init_distributed, load_checkpoint, load_rows, lr_at,
-                          messages, model_card, parse_run_args, prepare_run_dir, publish_model, reduced, run_flags,
-                          save_checkpoint, shard, sync_weights, system_turn, tokenizer_source, weights_finite,
-                          world_size)
+from train_common import (CpuThreads, Evaluator, Log, Rollout, all_reduce, autocast, build_model, check_data,
+                          check_resume, eval_puzzles, eval_source, generate_rollouts, guarded, infer_dtype,
+                          inference_copy, init_distributed, load_checkpoint, load_rows, local, lr_at, messages,
+                          model_card, parse_run_args, prepare_run_dir, publish_model, reduced, run_flags,
+                          save_checkpoint, shard, sync_weights, system_turn, tokenizer_source, world_size)
 
 # The recipes: flag -> (tiny, paper).
 RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 3000), "kl_coef": (0.0, 1e-3),
@@ -254,12 +253,36 @@ class Meter:
             self.v[k] = min(self.v[k], x) if k in self.MINS else max(self.v[k], x) if k in self.MAXS else self.v[k] + x
 
     def reduce(self, device) -> dict:
-        return {k: v for keys, op in ((self.SUMS, "SUM"), (self.MINS, "MIN"), (self.MAXS, "MAX"))
-                for k, v in reduced({k: self.v[k] for k in keys}, device, op).items()}
+        out = {}
+        for keys, op in ((self.SUMS, "SUM"), (self.MINS, "MIN"), (self.MAXS, "MAX")):
+            out.update(reduced({k: self.v[k] for k in keys}, device, op))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # One GRPO step
+
+@torch.no_grad()
+def adam_update_ratio(optim: torch.optim.AdamW, device) -> float:
+    """||the last AdamW update|| / ||weights|| over all parameters and ranks, recomputed from the optimizer state
+    (lr * m_hat / (sqrt(v_hat) + eps), as torch applies it; weight decay's small share left out): how far one step
+    moves the model, with no copy of the weights. 0 for an optimizer without Adam's state (the tests' SGD)."""
+    sq = torch.zeros(2, dtype=torch.float64, device=device)
+    for g in optim.param_groups:
+        if "betas" not in g:
+            continue
+        (b1, b2), lr, eps = g["betas"], g["lr"], g["eps"]
+        for p in g["params"]:
+            st = optim.state.get(p)
+            if not st:
+                continue
+            t = float(st["step"])
+            m, v = local(st["exp_avg"]).double(), local(st["exp_avg_sq"]).double()
+            u = lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+            sq += torch.stack([u.pow(2).sum(), local(p).double().pow(2).sum()])
+    sq = all_reduce(sq).tolist()
+    return math.sqrt(sq[0] / max(sq[1], 1e-30))
+
 
 def minibatch_backward(model, micros: list[Micro], args, n_tokens: float, n_seqs: float, meter: Meter,
                        first_epoch: bool, poison: bool = False) -> float:
@@ -532,6 +555,12 @@ def step_line(rec: dict, steps: int) -> str:
             f"{rec['minus1_format']:.2f}/{rec['minus1_count']:.2f}/{rec['minus1_repeat']:.2f} | update "
             f"{rec['update_rel']:.1e} | roll {rec['rollout_s']:.1f}s train {rec['train_s']:.1f}s"
             + (f" | SKIPPED {rec['skipped']} non-finite update(s)" if rec["skipped"] else ""))
+
+
+def weights_finite(model, device) -> bool:
+    """All ranks agree: every local shard of every weight is finite."""
+    ok = float(all(local(p).isfinite().all() for p in model.parameters()))
+    return bool(all_reduce(torch.tensor([ok], device=device), "MIN").item())
 
 
 def main(argv=None):

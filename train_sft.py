@@ -389,7 +389,7 @@ def main(argv=None):
             publish_model(args.out)
     log.close()
     dist.barrier()
-    del model, optim, infer, ema, run_eval  # free before destroy_process_group: a rank sometimes aborts at exit otherwise
+    del model, optim, infer, ema, run_eval  # free before destroy_process_group: a rank may abort at exit otherwise
     gc.collect()
     dist.destroy_process_group()
 

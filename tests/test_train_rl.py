@@ -16,9 +16,9 @@ import torch
 import data
 import reward
 from model import ModelConfig, Transformer, load_tokenizer
-from train_common import Rollout, adam_update_ratio, generate_rollouts, trim_at_stop
-from train_rl import (aggregate, group_advantages, grpo_step, kl_terms, micro_logits, micro_logprobs, pack_rollouts,
-                      parse_args, policy_loss, puzzle_reward, tis_weights, token_logprobs_and_entropy)
+from train_common import Rollout, generate_rollouts, trim_at_stop
+from train_rl import (adam_update_ratio, aggregate, group_advantages, grpo_step, kl_terms, micro_logits, micro_logprobs,
+                      pack_rollouts, parse_args, policy_loss, puzzle_reward, tis_weights, token_logprobs_and_entropy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
