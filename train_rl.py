@@ -70,8 +70,8 @@ RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 300
           "eval_max_new_tokens": (512, 3500), "save_every": (25, 100), "warmup": (0, 0),
           "schedule": ("constant", "constant"), "weight_decay": (0.01, 0.01)}  # verl's actor: constant lr, decay 0.01
 # The flags that define the run's prompts, samples and rewards: a resumed run must keep them.
-DATA_FLAGS = ("seed", "data", "split", "prompts", "prompts_per_step", "n", "temperature", "max_new_tokens",
-              "reward_mode", "reward_fn")
+DATA_FLAGS = ("seed", "data", "split", "prompts", "new_cells", "prompts_per_step", "n", "temperature",
+              "max_new_tokens", "reward_mode", "reward_fn")
 RL_STREAM = (1,)  # the key of the embedded prompt stream: RL prompt i is not SFT example i of the same --seed
 
 
@@ -436,8 +436,8 @@ def prompts(args) -> data.PuzzleStream:
     hub id in a seeded per-epoch order, epochs wrapping forever (a run resumed at an epoch boundary trains on)."""
     if args.data != "embedded":
         return data.PuzzleStream(args.seed, rows=load_rows(args.data, args.split, args.skip_bad))
-    return data.PuzzleStream(args.seed, cells=data.embedded(), key=RL_STREAM,
-                             pool={"rl": "rl", "sft": "train"}[args.prompts])
+    return data.PuzzleStream(args.seed, cells=data.embedded(), key=RL_STREAM, mix=args.new_cells,
+                             ambient=args.new_cells, pool={"rl": "rl", "sft": "train"}[args.prompts])
 
 
 def load_reward_fn(spec: str):
@@ -463,6 +463,9 @@ def parse_args(argv=None):
     a = p.add_argument_group("GRPO").add_argument
     a("--prompts", default="rl", choices=["rl", "sft"], help="embedded data: puzzles of the train cells kept away "
       "from SFT (rl), or of SFT's own cells (sft: the policy knows them by heart), thinned afresh")
+    a("--new-cells", type=float, default=0.0, help="embedded data: probability that a prompt cell is pooled with "
+      "another of its type and thinned (a new cell), and, apart, that it gets ambient UMIs of another type, as in "
+      "SFT's --mix / --ambient: more distinct cells for the policy to read, fewer to recall")
     a("--prompts-per-step", type=int, default=None, help="prompts per step, all ranks")
     a("--n", "--group-size", dest="n", type=int, default=None, help="samples per prompt, the GRPO group. Under "
       "torchrun write --group-size: torchrun's parser takes a bare --n for its own options")
@@ -505,7 +508,8 @@ def parse_args(argv=None):
 def resolve_defaults(args):
     """The system turn from the model folder's cello.json, and the checks no single flag can make."""
     args.system = args.system or model_card(args.model).get("system") or "released"
-    checks = [(args.temperature > 0, "--temperature must be > 0 (GRPO samples; evaluation is greedy)"),
+    checks = [(0 <= args.new_cells <= 1, f"--new-cells {args.new_cells} is a probability: need 0..1"),
+              (args.temperature > 0, "--temperature must be > 0 (GRPO samples; evaluation is greedy)"),
               (args.n >= 2, f"--group-size {args.n}: a group needs at least 2 samples (advantages are relative)"),
               (args.steps is None or args.steps >= 1, f"--steps {args.steps}: need at least 1"),
               (min(args.prompts_per_step, args.micro_batch, args.rollout_chunk, args.ppo_epochs,

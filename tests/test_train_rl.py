@@ -18,7 +18,7 @@ import reward
 from model import ModelConfig, Transformer, load_tokenizer
 from train_common import Rollout, generate_rollouts, trim_at_stop
 from train_rl import (adam_update_ratio, aggregate, group_advantages, grpo_step, kl_terms, micro_logits, micro_logprobs,
-                      pack_rollouts, parse_args, policy_loss, puzzle_reward, tis_weights, token_logprobs_and_entropy)
+                      pack_rollouts, parse_args, policy_loss, prompts, puzzle_reward, tis_weights, token_logprobs_and_entropy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -330,6 +330,22 @@ def test_reward_mode_and_system_flags(tmp_path):
 
 
 
+def test_new_cells_makes_new_prompt_cells_from_grpo_cells_only():
+    """--new-cells p: the prompt stream pools and contaminates cells with probability p (data.PuzzleSampler's mix and
+    ambient, tested in test_data.py); at 0 prompt i is the same puzzle as before, and either way every prompt cell
+    comes from the cells kept for GRPO."""
+    split = data.embedded()
+    plain = data.PuzzleStream(0, cells=split, key=(1,), pool="rl")
+    base, new = prompts(parse_args(["--recipe", "tiny"])), prompts(parse_args(["--recipe", "tiny", "--new-cells", "1"]))
+    assert (new.sampler.mix, new.sampler.ambient) == (1.0, 1.0)
+    genes_differ = 0
+    for i in range(20):
+        assert base[i].row() == plain[i].row()
+        assert set(new[i].cell_ids) <= set(split.rl.tolist())
+        genes_differ += base[i].row() != new[i].row()
+    assert genes_differ == 20
+
+
 def test_recipe_and_system_come_from_the_model_folder(tmp_path):
     """The recipe rule: --recipe, else the model folder's cello.json, else tiny for 'tiny', else paper; the system
     turn travels with the folder (a copy elsewhere keeps it); an explicit flag always wins."""
@@ -389,7 +405,8 @@ def test_adam_update_ratio_is_the_weight_change():
 @pytest.mark.parametrize("flags, why", [(["--group-size", "1"], "at least 2 samples"), (["--steps", "0"], "--steps 0"),
                                         (["--clip-low", "1.5"], "clip range"), (["--clip-high", "-0.5"], "clip range"),
                                         (["--mini-batches", "32"], "a mini-batch is a set of whole groups"),
-                                        (["--micro-batch", "0"], "must be at least 1")])
+                                        (["--micro-batch", "0"], "must be at least 1"),
+                                        (["--new-cells", "1.5"], "is a probability")])
 def test_bad_flags_are_refused_in_one_sentence(flags, why):
     with pytest.raises(SystemExit, match=why):
         parse_args(["--recipe", "tiny", *flags])
