@@ -1,6 +1,6 @@
 """The main job, one command: SFT -> GRPO -> evaluation on the embedded PBMC puzzles, with a results table and a plot.
 
-    python pipeline.py                                   # the CPU default, 25-40 minutes on 2 cores
+    python pipeline.py                                   # the CPU default, 20-68 minutes on 2 cores
     python pipeline.py --out runs/batch --rl-args="--reward-mode batch"    # an ablation: compare the results.md
 
 Stages, in order; each is skipped when its output exists, so after Ctrl-C or a kill the same command goes on from
@@ -187,8 +187,9 @@ def main(argv=None):
             raise SystemExit(f"{run} was started with other flags ({before}); use another --out or the same flags")
     write_json(f"{run}/pipeline.json", flags)
     if not args.toy:
-        print("cello main job: SFT (14-26 min) -> GRPO (~10 min) -> evaluation (~1 min) on 2 CPU cores; 25-40 "
-              f"minutes in all. Run folder: {run}. Interrupt at will: the same command resumes.", flush=True)
+        print("cello main job: SFT (12-43 min) -> GRPO (8-23 min) -> evaluation (~1 min) on 2 CPU cores; 20 minutes "
+              f"in all with native bf16, 68 without. Run folder: {run}. Interrupt at will: the same command resumes.",
+              flush=True)
     tracking = ["--wandb", args.wandb] if args.wandb else []  # where a run is watched, not what it computes
     t0 = time.time()
     sys.path.insert(0, ROOT)
