@@ -508,7 +508,7 @@ def parse_args(argv=None):
 def resolve_defaults(args):
     """The system turn from the model folder's cello.json, and the checks no single flag can make."""
     args.system = args.system or model_card(args.model).get("system") or "released"
-    checks = [(0 <= args.new_cells <= 1, f"--new-cells {args.new_cells} is a probability: need 0..1"),
+    checks = [(0 <= args.new_cells <= 1, f"--new-cells is a probability: got {args.new_cells}, need 0..1"),
               (args.temperature > 0, "--temperature must be > 0 (GRPO samples; evaluation is greedy)"),
               (args.n >= 2, f"--group-size {args.n}: a group needs at least 2 samples (advantages are relative)"),
               (args.steps is None or args.steps >= 1, f"--steps {args.steps}: need at least 1"),

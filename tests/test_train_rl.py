@@ -18,7 +18,8 @@ import reward
 from model import ModelConfig, Transformer, load_tokenizer
 from train_common import Rollout, generate_rollouts, trim_at_stop
 from train_rl import (adam_update_ratio, aggregate, group_advantages, grpo_step, kl_terms, micro_logits, micro_logprobs,
-                      pack_rollouts, parse_args, policy_loss, prompts, puzzle_reward, tis_weights, token_logprobs_and_entropy)
+                      pack_rollouts, parse_args, policy_loss, prompts, puzzle_reward, tis_weights,
+                      token_logprobs_and_entropy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -340,9 +341,10 @@ def test_new_cells_makes_new_prompt_cells_from_grpo_cells_only():
     assert (new.sampler.mix, new.sampler.ambient) == (1.0, 1.0)
     genes_differ = 0
     for i in range(20):
-        assert base[i].row() == plain[i].row()
-        assert set(new[i].cell_ids) <= set(split.rl.tolist())
-        genes_differ += base[i].row() != new[i].row()
+        b, n = base[i], new[i]
+        assert b.row() == plain[i].row()
+        assert set(n.cell_ids) <= set(split.rl.tolist())
+        genes_differ += b.row() != n.row()
     assert genes_differ == 20
 
 
@@ -499,6 +501,9 @@ def test_kill9_and_resume_equals_uninterrupted(tiny_dir, tmp_path, kill9_after):
     assert not (out / "model").exists()
     r = run(rl_cmd(tiny_dir, out, steps=6), ok=False)
     assert r.returncode != 0 and "--resume" in r.stderr  # an existing run is never overwritten silently
+    # a prompt flag changed on resume is refused, naming the flag (the checkpoint recorded --new-cells 0.0)
+    r = run(rl_cmd(tiny_dir, out, steps=6, extra=["--resume", "--new-cells", "0.5"]), ok=False)
+    assert r.returncode != 0 and "resume it with --new-cells 0.0" in r.stderr, r.stderr[-2000:]
     run(rl_cmd(tiny_dir, out, steps=6, extra=["--resume"]))
     assert [r["step"] for r in steps_of(out)] == [1, 2, 3, 4, 5, 6]
     assert [r["reward_mean"] for r in steps_of(out)] == [r["reward_mean"] for r in steps_of(tmp_path / "full")]
