@@ -458,11 +458,18 @@ def test_known_failures_print_one_sentence(tmp_path):
 
 def test_ctrl_c_says_how_to_resume(tiny_dir, tmp_path):
     out = tmp_path / "r"
-    p = subprocess.Popen(sft_cmd(tiny_dir, out, steps=400), env=ENV, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+    # PYTHONFAULTHANDLER: should the run not stop, a SIGABRT makes it print every thread's stack into the failure
+    p = subprocess.Popen(sft_cmd(tiny_dir, out, steps=400), env={**ENV, "PYTHONFAULTHANDLER": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_log(out / "sft_log.jsonl")
     p.send_signal(signal.SIGINT)
-    err = p.communicate(timeout=60)[1]
+    try:
+        err = p.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)
+        steps = len(open(out / "sft_log.jsonl").read().splitlines())
+        raise AssertionError(f"still running 60 s after Ctrl-C ({steps} steps logged); its stacks:\n"
+                             + p.communicate(timeout=30)[1])
     assert p.returncode == 130 and "--resume" in err and "Traceback" not in err, err
 
 
