@@ -373,8 +373,8 @@ def resolve_model_dir(path: str) -> str:
     """A local folder as is; anything else is a hub id, downloaded (config, safetensors and tokenizer files only)."""
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.startswith((".", "/")):
-        raise FileNotFoundError(f"{path}: not a model folder")
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:  # a hub id is [owner/]name
+        raise FileNotFoundError(f"{path}: no such model folder (from {os.getcwd()}), and not a hub id")
     from huggingface_hub import snapshot_download
     return snapshot_download(path, allow_patterns=HF_FILES)
 

@@ -44,7 +44,7 @@ def train(script: str, sft: str, out: str, seed: int, flags: list[str]) -> None:
     cmd = [sys.executable, os.path.join(ROOT, script), "--model", sft, "--out", out, "--seed", str(seed),
            "--resume", "--no-progress", *flags]
     print(f"\n== {shlex.join(cmd)}", flush=True)
-    if subprocess.call(cmd, cwd=ROOT):
+    if subprocess.call(cmd):  # in the caller's folder: the paths given are relative to it
         raise SystemExit(f"{script} run {out} failed; fix the cause and run the same command again: it resumes")
 
 

@@ -213,6 +213,15 @@ def test_missing_weights_file(tmp_path):
         Transformer.from_pretrained(str(tmp_path))
 
 
+def test_a_missing_relative_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """runs/seed1/sft/model, mistyped or given from another folder, is named as a missing folder (a hub id has at
+    most one slash), not passed to huggingface_hub, whose error speaks of repo ids."""
+    monkeypatch.chdir(tmp_path)
+    for path in ["runs/seed1/sft/model", "./model", "/no/such/model"]:
+        with pytest.raises(FileNotFoundError, match="no such model folder"):
+            Transformer.from_pretrained(path)
+
+
 # --- tokenizer and chat format -----------------------------------------------------------------------------------
 
 # Qwen2.5-Instruct's chat template (tokenizer_config.json of Qwen/Qwen2.5-*-Instruct), without its tool-calling
