@@ -36,7 +36,7 @@ Facts this file implements:
 The recipes (RECIPE; train_common.pick_recipe chooses the column): `paper` = the published recipe for a real model:
 n 5, 64 prompts per step, T 1.0, lr 1e-6 constant, clip 0.2, k3 KL coefficient 0.001, entropy 0, token-mean, one
 optimizer step per rollout batch, 3000 new tokens; `tiny` (the CPU default): 16 prompts x n 8, lr 5e-5, no KL, 512
-new tokens.
+new tokens, half of the prompt cells made new (--new-cells 0.5).
 """
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ from train_common import (CpuThreads, Evaluator, Log, Rollout, all_reduce, autoc
 RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 3000), "kl_coef": (0.0, 1e-3),
           "micro_batch": (16, 2), "lr": (5e-5, 1e-6), "eval_every": (25, 100), "eval_puzzles": (20, 200),
           "eval_max_new_tokens": (512, 3500), "save_every": (25, 100), "warmup": (0, 0),
-          "schedule": ("constant", "constant"), "weight_decay": (0.01, 0.01)}  # verl's actor: constant lr, decay 0.01
+          "schedule": ("constant", "constant"), "weight_decay": (0.01, 0.01),  # verl's actor: constant lr, decay 0.01
+          "new_cells": (0.5, 0.0)}  # tiny: GRPO's 147 cells made new as SFT's are, else the policy learns them by heart
 # The flags that define the run's prompts, samples and rewards: a resumed run must keep them.
 DATA_FLAGS = ("seed", "data", "split", "prompts", "new_cells", "prompts_per_step", "n", "temperature",
               "max_new_tokens", "reward_mode", "reward_fn")
@@ -463,9 +464,9 @@ def parse_args(argv=None):
     a = p.add_argument_group("GRPO").add_argument
     a("--prompts", default="rl", choices=["rl", "sft"], help="embedded data: puzzles of the train cells kept away "
       "from SFT (rl), or of SFT's own cells (sft: the policy knows them by heart), thinned afresh")
-    a("--new-cells", type=float, default=0.0, help="embedded data: probability that a prompt cell is pooled with "
+    a("--new-cells", type=float, default=None, help="embedded data: probability that a prompt cell is pooled with "
       "another of its type and thinned (a new cell), and, apart, that it gets ambient UMIs of another type, as in "
-      "SFT's --mix / --ambient: more distinct cells for the policy to read, fewer to recall")
+      "SFT's --mix / --ambient: more distinct cells for the policy to read, fewer to recall (tiny 0.5, paper 0)")
     a("--prompts-per-step", type=int, default=None, help="prompts per step, all ranks")
     a("--n", "--group-size", dest="n", type=int, default=None, help="samples per prompt, the GRPO group. Under "
       "torchrun write --group-size: torchrun's parser takes a bare --n for its own options")

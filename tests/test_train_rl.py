@@ -337,7 +337,9 @@ def test_new_cells_makes_new_prompt_cells_from_grpo_cells_only():
     comes from the cells kept for GRPO."""
     split = data.embedded()
     plain = data.PuzzleStream(0, cells=split, key=(1,), pool="rl")
-    base, new = prompts(parse_args(["--recipe", "tiny"])), prompts(parse_args(["--recipe", "tiny", "--new-cells", "1"]))
+    assert (parse_args(["--recipe", "tiny"]).new_cells, parse_args(["--recipe", "paper"]).new_cells) == (0.5, 0.0)
+    base = prompts(parse_args(["--recipe", "tiny", "--new-cells", "0"]))
+    new = prompts(parse_args(["--recipe", "tiny", "--new-cells", "1"]))
     assert (new.sampler.mix, new.sampler.ambient) == (1.0, 1.0)
     genes_differ = 0
     for i in range(20):
