@@ -201,6 +201,16 @@ def rows_that_fit(rows: list[data.Puzzle], tok, end_id: int, args) -> list[data.
     return kept
 
 
+def examples_at(stream: data.PuzzleStream, first: int, count: int, tok, end_id: int, max_len: int,
+                system: str | None) -> list[tuple[list[int], int]]:
+    """Examples first .. first + count - 1 of the stream, tokenized (`tokenize`), shortest first: packed, the loss
+    does not depend on the order, which is fixed so that runs reproduce. A row's assistant text is its completion
+    (a teacher trace or the row's reasoning)."""
+    batch = [tokenize(tok, stream[i], stream[i].assistant, end_id, max_len, f"example {i}", system)
+             for i in range(first, first + count)]
+    return sorted(batch, key=lambda b: len(b[0]))
+
+
 def tokenize(tok, p: data.Puzzle, completion: str, end_id: int, max_len: int, where: str,
              system: str | None = None) -> tuple[list[int], int]:
     """-> (prompt ids + completion ids + <|im_end|>, prompt length). Prompt and completion are encoded apart, as the
@@ -363,12 +373,8 @@ def main(argv=None):
         for g in optim.param_groups:
             g["lr"] = lr * g.get("base_lr", args.lr) / args.lr  # Muon's matrices follow the same schedule
         first = step * args.batch_size + rank * per_rank  # this rank's contiguous share of the global batch
-        batch = []
-        for i in range(first, first + per_rank):
-            p = stream[i]  # its assistant text is the completion: a teacher trace or the row's reasoning
-            batch.append(tokenize(tok, p, p.assistant, end_id, args.max_len, f"example {i}", system))
-        batch.sort(key=lambda b: len(b[0]))  # packed, the loss does not depend on the order: kept so runs reproduce
-        out = train_step(model, optim, batch, args, device)
+        out = train_step(model, optim, examples_at(stream, first, per_rank, tok, end_id, args.max_len, system), args,
+                         device)
         if ema:
             ema.update(step + 1)
         dt = time.time() - t0

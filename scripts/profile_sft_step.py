@@ -72,11 +72,8 @@ def main():
     dtype = infer_dtype(device, targs.precision)
     optim = train_sft.make_optimizer(model, targs.optim, targs.lr, targs.weight_decay, targs.muon_lr, dtype)
     bs = targs.batch_size
-    batches = []
-    for s in range(args.at, args.at + args.steps + 3):
-        b = [train_sft.tokenize(tok, stream[i], stream[i].assistant, end, targs.max_len, "x", system)
-             for i in range(s * bs, (s + 1) * bs)]
-        batches.append(sorted(b, key=lambda t: len(t[0])))
+    batches = [train_sft.examples_at(stream, s * bs, bs, tok, end, targs.max_len, system)
+               for s in range(args.at, args.at + args.steps + 3)]
     for b in batches[:3]:
         train_sft.train_step(model, optim, b, targs, device)
     t0 = time.perf_counter()
