@@ -26,6 +26,7 @@ sampler owns the groups and slots. Attention goes through `kernels/`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -145,8 +146,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32, cast back before the weight: the same rounding as transformers' Qwen2RMSNorm
-        h = x.float()
+        # normalise in fp32 (fp64 stays fp64), cast back before the weight: transformers' Qwen2RMSNorm's rounding
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -196,17 +197,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, slots=None, groups=None, seq_lens=None, packed=None,
-                prefix_groups=None):
-        """Cache modes (see `Transformer.hidden`): prefill (slots None): row b is the prompt of group groups[b] with
-        seq_lens[b] real tokens; decode: row b is slot slots[b] of group groups[b] with seq_lens[b] generated keys
-        including the new token's. Without a cache, `packed` (lengths summing to T) splits the row into sequences,
-        and `prefix_groups` into prompts with their completions (`shared_prefix_attention`)."""
+    def project(self, x, cos, sin):
+        """x (B, T, hidden) -> q (B, T, H, D), k and v (B, T, Hkv, D), rotary embeddings applied to q and k."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, cache=None, slots=None, groups=None, seq_lens=None, packed=None, prefix_groups=None):
+        """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D). Cache modes (see `Transformer.hidden`): prefill (slots
+        None): row b is the prompt of group groups[b] with seq_lens[b] real tokens; decode: row b is slot slots[b] of
+        group groups[b] with seq_lens[b] generated keys including the new token's. Without a cache, `packed` (lengths
+        summing to T) splits the row into sequences, and `prefix_groups` into prompts with their completions
+        (`shared_prefix_attention`)."""
         if cache is None:
             # training / full recompute: SDPA picks flash or memory-efficient kernels on GPU and has a backward
             gqa = self.n_heads != self.n_kv
@@ -219,21 +223,21 @@ class Attention(nn.Module):
                 else:  # one causal attention per packed sequence: no padded keys or queries, no cross-sequence mask
                     o = torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=gqa)
                                    for a, b, c in zip(q.split(packed, 2), k.split(packed, 2), v.split(packed, 2))], 2)
-            o = o.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
-        elif slots is None:
+            return o.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
+        T = q.shape[1]
+        if slots is None:
             # prefill from position 0: attend within the new tokens, then store them in the prompt segment (padded
             # tail included: it lies beyond prompt_len, where nothing reads it)
             o = prefill_attention(q, k, v, seq_lens)
             cache.pk[self.layer, groups, :T] = k
             cache.pv[self.layer, groups, :T] = v
-        else:
-            # decode: store the new token in the row's generated segment, attend to prompt + generated keys
-            gen_pos = seq_lens - 1
-            cache.k[self.layer, slots, gen_pos] = k[:, 0]
-            cache.v[self.layer, slots, gen_pos] = v[:, 0]
-            o = decode_attention(q[:, 0], cache.pk[self.layer], cache.pv[self.layer], cache.prompt_len, groups,
-                                 cache.k[self.layer], cache.v[self.layer], slots, seq_lens)[:, None]
-        return self.o_proj(o.reshape(B, T, self.n_heads * self.head_dim))
+            return o
+        # decode: store the new token in the row's generated segment, attend to prompt + generated keys
+        gen_pos = seq_lens - 1
+        cache.k[self.layer, slots, gen_pos] = k[:, 0]
+        cache.v[self.layer, slots, gen_pos] = v[:, 0]
+        return decode_attention(q[:, 0], cache.pk[self.layer], cache.pv[self.layer], cache.prompt_len, groups,
+                                cache.k[self.layer], cache.v[self.layer], slots, seq_lens)[:, None]
 
 
 class MLP(nn.Module):
@@ -248,16 +252,44 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """x + attention(rmsnorm(x)), then + mlp(rmsnorm(.)), in three parts: `before_attention` (norm, q/k/v, rope),
+    the attention itself, `after_attention` (o_proj, residuals, norm, MLP). With `compiled` set (see
+    `Transformer.compile_blocks`) the two parts around attention run through torch.compile when there is no cache."""
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.compiled = False
 
-    def forward(self, x, cos, sin, **cache_args):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, **cache_args)
+    def before_attention(self, x, cos, sin):
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def after_attention(self, x, o):
+        """x (B, T, hidden), o (B, T, H, D) the attention's output -> the block's output (B, T, hidden)."""
+        x = x + self.self_attn.o_proj(o.flatten(2))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x, cos, sin, **attend_args):
+        before, after = Block.before_attention, Block.after_attention
+        if self.compiled and attend_args.get("cache") is None:
+            before, after = compiled(before), compiled(after)
+        q, k, v = before(self, x, cos, sin)
+        return after(self, x, self.self_attn.attend(q, k, v, **attend_args))
+
+
+@functools.cache
+def compiled(fn):
+    """`fn` under torch.compile (inductor), one compiled function shared by every block and every model: parameters
+    are graph inputs, so layers reuse one graph. Shapes are dynamic because a packed row's length T changes with
+    every batch. A failed compile (no C++ compiler, an unsupported op) warns and runs `fn` eagerly. The CPU kernels
+    read the thread count when they run, not when they are built: the trainers lower it while the machine is busy."""
+    import torch._dynamo
+    import torch._inductor.config
+    torch._dynamo.config.suppress_errors = True
+    torch._inductor.config.cpp.dynamic_threads = True
+    return torch.compile(fn, dynamic=True)
 
 
 class Decoder(nn.Module):
@@ -281,6 +313,15 @@ class Transformer(nn.Module):
     def tie_weights(self):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def compile_blocks(self, enable: bool = True) -> "Transformer":
+        """Training and full recomputes (no KV cache) run each block's work around attention (norms, projections,
+        rope, MLP, residuals) through torch.compile: one fused loop where eager PyTorch makes a pass over memory per
+        op. Attention stays eager (a packed row's per-sequence split does not trace). Numbers match eager to rounding
+        (tests/test_model.py); the first step of each new shape family pays the compile (seconds)."""
+        for block in self.model.layers:
+            block.compiled = enable
+        return self
 
     def init_weights(self, std: float = 0.02):
         """Random init for training from scratch (normal(0, std) matrices, zero biases, unit norms)."""

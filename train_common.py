@@ -18,6 +18,7 @@ Facts this file implements:
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -557,6 +558,9 @@ def run_flags(p, model: str, split: str, out: str, epochs: float) -> None:
       "(rollouts from a bf16 copy), or fp32; auto: bf16 where the CPU has native bf16 (AMX, AVX512-BF16), else "
       "fp32. GPU: always bf16 (FSDP2)")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    a("--compile", default=None, action=argparse.BooleanOptionalAction, help="torch.compile the blocks' work "
+      "around attention and the loss (fused elementwise ops; the first steps pay the compile, a failed compile "
+      "falls back to eager with a warning)")
     a("--eval-every", type=int, default=None, help="evaluate every k steps (and at the end); 0: end only")
     a("--eval-puzzles", type=int, default=None, help="held-out puzzles (embedded: per N)")
     a("--eval-max-new-tokens", type=int, default=None, help="decode budget of the evaluation")

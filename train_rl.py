@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 import data
 import reward
-from model import encode_chat, load_tokenizer, stop_token_ids
+from model import compiled, encode_chat, load_tokenizer, stop_token_ids
 from sampler import pad64
 from train_common import (CpuThreads, Evaluator, Log, Rollout, all_reduce, autocast, build_model, check_data,
                           check_resume, eval_puzzles, eval_source, generate_rollouts, guarded, infer_dtype,
@@ -69,7 +69,7 @@ RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 300
           "micro_batch": (16, 2), "lr": (5e-5, 1e-6), "eval_every": (25, 100), "eval_puzzles": (20, 200),
           "eval_max_new_tokens": (512, 3500), "save_every": (25, 100), "warmup": (0, 0),
           "schedule": ("constant", "constant"), "weight_decay": (0.01, 0.01),  # verl's actor: constant lr, decay 0.01
-          "new_cells": (0.5, 0.0)}  # tiny: GRPO's 147 cells made new as SFT's are, else the policy learns them by heart
+          "new_cells": (0.5, 0.0), "compile": (True, False)}  # tiny: GRPO's 147 cells made new as SFT's are, else the policy learns them by heart
 # The flags that define the run's prompts, samples and rewards: a resumed run must keep them.
 DATA_FLAGS = ("seed", "data", "split", "prompts", "new_cells", "prompts_per_step", "n", "temperature",
               "max_new_tokens", "reward_mode", "reward_fn")
@@ -144,21 +144,23 @@ def aggregate(values, seq_len, mode: str, n_tokens: float, n_seqs: float, consta
 
 
 def _logprob_entropy(logits, targets, temperature: float):
-    z = logits.float() / temperature
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     lse = torch.logsumexp(z, -1)
     logp = z.gather(-1, targets[:, None])[:, 0] - lse
     entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
     return logp, entropy
 
 
-def token_logprobs_and_entropy(logits, targets, temperature: float, chunk: int = 512):
+def token_logprobs_and_entropy(logits, targets, temperature: float, chunk: int = 512, fused: bool = False):
     """logits (K, V) -> (log_softmax(logits / T)[targets] (K,), entropy of softmax(logits / T) (K,)), fp32, `chunk`
     rows at a time. With gradients each chunk is checkpointed: backward keeps only the logits and recomputes the
-    chunk's fp32 softmax, so a 152k vocabulary costs one chunk of fp32 at a time, never K x V of it."""
+    chunk's fp32 softmax, so a 152k vocabulary costs one chunk of fp32 at a time, never K x V of it. `fused`
+    (--compile): each chunk's softmax work is one torch.compile'd pass."""
+    f = compiled(_logprob_entropy) if fused else _logprob_entropy
     grad = torch.is_grad_enabled() and logits.requires_grad
-    parts = [checkpoint(_logprob_entropy, logits[i:i + chunk], targets[i:i + chunk], temperature, use_reentrant=False)
-             if grad else _logprob_entropy(logits[i:i + chunk], targets[i:i + chunk], temperature)
-             for i in range(0, len(targets), chunk)] or [_logprob_entropy(logits, targets, temperature)]
+    parts = [checkpoint(f, logits[i:i + chunk], targets[i:i + chunk], temperature, use_reentrant=False)
+             if grad else f(logits[i:i + chunk], targets[i:i + chunk], temperature)
+             for i in range(0, len(targets), chunk)] or [f(logits, targets, temperature)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -231,7 +233,7 @@ def micro_logprobs(model, m: Micro, args):
     """Trainer log-probs and entropies (K,) of a micro-batch at the sampling temperature."""
     with autocast(m.x.device, args.precision):
         logits = micro_logits(model, m)
-    return token_logprobs_and_entropy(logits, m.targets, args.temperature, args.logprob_chunk)
+    return token_logprobs_and_entropy(logits, m.targets, args.temperature, args.logprob_chunk, args.compile)
 
 
 def finite(x: float) -> float | None:
@@ -586,10 +588,12 @@ def main(argv=None):
     steps = args.steps or (max(1, int(args.epochs * len(stream)) // args.prompts_per_step) if len(stream) else 100)
     model, model_dir = build_model(args.model, tok, device, args.seed)
     model.grad_checkpointing = args.grad_checkpointing
+    model.compile_blocks(args.compile)
     infer = inference_copy(model.config, device, infer_dtype(device, args.precision))
     ref = None
     if args.kl_coef > 0:  # the frozen start model; never built when the KL is off
-        ref = shard(build_model(args.model, tok, device, args.seed)[0].requires_grad_(False), device).eval()
+        ref = build_model(args.model, tok, device, args.seed)[0].requires_grad_(False).compile_blocks(args.compile)
+        ref = shard(ref, device).eval()
     shard(model, device)
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if start:
