@@ -279,6 +279,17 @@ def tokenizer_source(model: str, tokenizer: str | None) -> str:
     return os.path.dirname(data.TOKENIZER_PATH) if model == "tiny" else model
 
 
+def note_compiled(rec: dict, args, first_step: bool) -> None:
+    """With --compile, the first step of a process records how many graphs torch.compile built (`compiled_graphs`);
+    none means every compile failed (dynamo printed why) and the run goes on eagerly, which the console then says."""
+    if not (args.compile and first_step):
+        return
+    from torch._dynamo.utils import counters
+    rec["compiled_graphs"] = counters["stats"]["unique_graphs"]
+    if rec["compiled_graphs"] == 0 and dist.get_rank() == 0:
+        print("--compile: nothing compiled (see the warnings above); training runs eagerly", file=sys.stderr)
+
+
 def inference_copy(config: ModelConfig, device, dtype) -> Transformer:
     """The sampler's plain (unsharded) model, allocated empty: `sync_weights` fills it before each generation."""
     with torch.device("meta"):

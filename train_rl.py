@@ -61,7 +61,7 @@ from sampler import pad64
 from train_common import (CpuThreads, Evaluator, Log, Rollout, all_reduce, autocast, build_model, check_data,
                           check_resume, eval_puzzles, eval_source, generate_rollouts, guarded, infer_dtype,
                           inference_copy, init_distributed, load_checkpoint, load_rows, local, lr_at, messages,
-                          model_card, parse_run_args, prepare_run_dir, publish_model, reduced, run_flags,
+                          model_card, note_compiled, parse_run_args, prepare_run_dir, publish_model, reduced, run_flags,
                           save_checkpoint, shard, sync_weights, system_turn, tokenizer_source, world_size)
 
 # The recipes: flag -> (tiny, paper).
@@ -69,7 +69,8 @@ RECIPE = {"prompts_per_step": (16, 64), "n": (8, 5), "max_new_tokens": (512, 300
           "micro_batch": (16, 2), "lr": (5e-5, 1e-6), "eval_every": (25, 100), "eval_puzzles": (20, 200),
           "eval_max_new_tokens": (512, 3500), "save_every": (25, 100), "warmup": (0, 0),
           "schedule": ("constant", "constant"), "weight_decay": (0.01, 0.01),  # verl's actor: constant lr, decay 0.01
-          "new_cells": (0.5, 0.0), "compile": (True, False)}  # tiny: GRPO's 147 cells made new as SFT's are, else the policy learns them by heart
+          "new_cells": (0.5, 0.0),  # tiny: GRPO's 147 cells made new as SFT's are, else the policy learns them by heart
+          "compile": (False, False)}
 # The flags that define the run's prompts, samples and rewards: a resumed run must keep them.
 DATA_FLAGS = ("seed", "data", "split", "prompts", "new_cells", "prompts_per_step", "n", "temperature",
               "max_new_tokens", "reward_mode", "reward_fn")
@@ -628,6 +629,7 @@ def main(argv=None):
         mine = [(i, encode_chat(tok, messages(p, system), True), p) for i, p in puzzles.items()]
         rec, rollouts = grpo_step(model, infer, ref, optim, mine, reward_fn, args, step, stops)
         rec = step_record(step, lr, rec, rollouts, puzzles, tok, device)
+        note_compiled(rec, args, step == start)
         log(rec, step_line(rec, steps))
         bad = bad + 1 if rec["skipped"] else 0
         if bad >= args.max_bad_steps:

@@ -33,9 +33,9 @@ import data
 import reward
 from model import Transformer, compiled, encode_chat, load_tokenizer
 from sampler import pad64
-from train_common import (CpuThreads, Evaluator, Log, autocast, build_model, check_data, check_resume,
-                          eval_puzzles, eval_source, guarded, infer_dtype, inference_copy, init_distributed,
-                          load_checkpoint, load_rows, local, lr_at, messages, parse_run_args, prepare_run_dir,
+from train_common import (CpuThreads, Evaluator, Log, autocast, build_model, check_data, check_resume, eval_puzzles,
+                          eval_source, guarded, infer_dtype, inference_copy, init_distributed, load_checkpoint,
+                          load_rows, local, lr_at, messages, note_compiled, parse_run_args, prepare_run_dir,
                           publish_model, run_flags, save_checkpoint, shard, system_turn, tokenizer_source)
 
 # The recipes: flag -> (tiny, paper). The tiny column was chosen by measurement (docs/experiments.md): small batches
@@ -48,7 +48,8 @@ RECIPE = {"batch_size": (8, 96), "micro_batch": (8, 1), "steps": (1400, None), "
           "muon_lr": (0.01, 0.02), "ema": (0.995, 0.0), "system": ("short", "released"),
           "trace_order": ("fix", "cell"), "mix": (0.5, 0.0), "ambient": (0.5, 0.0), "easy_keep": (0.1, 1.0),
           "n_weights": ("linear", "uniform"), "curriculum": (0.5, 0.0), "eval_every": (700, 100),
-          "eval_puzzles": (10, 200), "eval_max_new_tokens": (512, 3500), "save_every": (700, 175), "compile": (True, False)}
+          "eval_puzzles": (10, 200), "eval_max_new_tokens": (512, 3500), "save_every": (700, 175),
+          "compile": (False, False)}
 # What a resumed run must keep: the EMA, the flags that define training example i, and the lr schedule's length.
 DATA_FLAGS = ("ema", "seed", "data", "split", "cells", "trace_order", "mix", "ambient", "easy_keep", "n_weights",
               "curriculum", "batch_size", "steps")
@@ -390,6 +391,7 @@ def main(argv=None):
         dt = time.time() - t0
         rec = {"step": step + 1, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
                "tokens_per_s": out["tokens"] / dt, "step_time_s": dt}
+        note_compiled(rec, args, step == start)
         log(rec, f"step {step + 1}/{steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.3f} | "
                  f"tok/s {rec['tokens_per_s']:.0f} | {dt:.2f}s")
         done = step + 1 == steps

@@ -7,8 +7,9 @@ SFT: the default recipe's step (global batch 8 packed into one row, Muon + AdamW
 late-curriculum puzzles (N up to 8). GRPO: the update of one rollout batch of the default (16 prompts x 8 samples,
 micro-batches of 16, each group's prompt computed once), the trainer's own functions; the completions are teacher
 traces cut at 60-100% of their length, as sampled ones vary. Rollouts (the sampler) are not part of either path.
-Each path gets the same batches, in turn, and an identically initialised model; the first --warmup batches are
-untimed (the compiled path compiles there; its warm-up time is printed apart).
+Each path gets the same batches and an identically initialised model; every batch runs once untimed through both
+paths (the compiled one compiles there), then once timed, the paths taking turns to go first. The losses of the timed
+pass are of the second visit of each batch (the model has trained on it once), the same for both paths.
 """
 import argparse
 import os
@@ -30,17 +31,24 @@ from train_common import (Rollout, build_model, infer_dtype, init_distributed, s
 
 
 def interleaved(steps: dict, batches, warmup: int) -> dict:
-    """Each batch through every path in turn, so both meet the same warm caches (oneDNN builds a kernel per matmul
-    shape the first time it sees it: whichever path ran second would otherwise win by ~10%).
-    -> {path: (seconds of its warm-up steps, seconds per timed step, the timed steps' losses)}."""
+    """Every batch through every path untimed first, then timed, the paths taking turns to go first. Why: oneDNN
+    builds a kernel per matmul shape the first time it meets one, and most batches bring a new length, so a path run
+    on shapes another path has already met wins by 10-30% (an earlier version of this script, with eager always
+    first, credited that to --compile). `warmup` more batches are run untimed before that (the compile).
+    -> {path: (seconds of its untimed runs, seconds per timed step, the timed steps' losses)}."""
     t = {p: [0.0, 0.0, []] for p in steps}
-    for i, b in enumerate(batches):
+    for b in batches:  # the untimed pass: the warm-up batches, then every timed batch once
         for path, step in steps.items():
             t0 = time.perf_counter()
+            step(b)
+            t[path][0] += time.perf_counter() - t0
+    for i, b in enumerate(batches[warmup:]):
+        order = list(steps.items()) if i % 2 == 0 else list(steps.items())[::-1]
+        for path, step in order:
+            t0 = time.perf_counter()
             loss = step(b)
-            t[path][0 if i < warmup else 1] += time.perf_counter() - t0
-            if i >= warmup:
-                t[path][2].append(loss)
+            t[path][1] += time.perf_counter() - t0
+            t[path][2].append(loss)
     return {p: (warm, total / (len(batches) - warmup), losses) for p, (warm, total, losses) in t.items()}
 
 
@@ -73,7 +81,7 @@ def grpo_flops(model, rows: list[Rollout]) -> float:
 
 def report(name: str, results: dict, tokens: float, flops: float, peak: float) -> None:
     print(f"\n{name}: {tokens:,.0f} tokens, {flops / 1e9:.1f} GFLOP per step")
-    print("| path | ms / step | tokens / s | share of the matmul peak | warm-up (compile) | first losses |")
+    print("| path | ms / step | tokens / s | share of the matmul peak | untimed pass (compile) | first losses |")
     print("|---|---|---|---|---|---|")
     for path, (t_warm, dt, losses) in results.items():
         print(f"| {path} | {dt * 1000:.0f} | {tokens / dt:,.0f} | {flops / dt / 1e9 / peak:.1%} | {t_warm:.1f} s | "
