@@ -147,9 +147,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 (fp64 stays fp64), cast back before the weight: transformers' Qwen2RMSNorm's rounding
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = fp32_or_wider(x)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+def fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    """x cast to fp32 when narrower (bf16, fp16), else as is (fp32, and fp64 in the tests' float64 checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
@@ -280,15 +285,22 @@ class Block(nn.Module):
 
 
 @functools.cache
-def compiled(fn):
-    """`fn` under torch.compile (inductor), one compiled function shared by every block and every model: parameters
-    are graph inputs, so layers reuse one graph. Shapes are dynamic because a packed row's length T changes with
-    every batch. A failed compile (no C++ compiler, an unsupported op) warns and runs `fn` eagerly. The CPU kernels
-    read the thread count when they run, not when they are built: the trainers lower it while the machine is busy."""
+def compile_settings() -> None:
+    """The process-wide torch.compile settings, applied once: a failed compile (no C++ compiler, an unsupported op)
+    warns and runs the function eagerly; the CPU kernels read the thread count when they run, not when they are
+    built, since the trainers lower it while the machine is busy. Once only, so a caller (a test) may change them."""
     import torch._dynamo
     import torch._inductor.config
     torch._dynamo.config.suppress_errors = True
     torch._inductor.config.cpp.dynamic_threads = True
+
+
+@functools.cache
+def compiled(fn):
+    """`fn` under torch.compile (inductor), one compiled function shared by every block and every model: parameters
+    are graph inputs, so layers reuse one graph. Shapes are dynamic because a packed row's length T changes with
+    every batch. Settings: `compile_settings`."""
+    compile_settings()
     return torch.compile(fn, dynamic=True)
 
 

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 import data
 import reward
-from model import compiled, encode_chat, load_tokenizer, stop_token_ids
+from model import compiled, encode_chat, fp32_or_wider, load_tokenizer, stop_token_ids
 from sampler import pad64
 from train_common import (CpuThreads, Evaluator, Log, Rollout, all_reduce, autocast, build_model, check_data,
                           check_resume, eval_puzzles, eval_source, generate_rollouts, guarded, infer_dtype,
@@ -145,7 +145,7 @@ def aggregate(values, seq_len, mode: str, n_tokens: float, n_seqs: float, consta
 
 
 def _logprob_entropy(logits, targets, temperature: float):
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    z = fp32_or_wider(logits) / temperature
     lse = torch.logsumexp(z, -1)
     logp = z.gather(-1, targets[:, None])[:, 0] - lse
     entropy = lse - (torch.softmax(z, -1) * z).sum(-1)

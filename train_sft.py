@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import data
 import reward
-from model import Transformer, compiled, encode_chat, load_tokenizer
+from model import Transformer, compiled, encode_chat, fp32_or_wider, load_tokenizer
 from sampler import pad64
 from train_common import (CpuThreads, Evaluator, Log, autocast, build_model, check_data, check_resume, eval_puzzles,
                           eval_source, guarded, infer_dtype, inference_copy, init_distributed, load_checkpoint,
@@ -300,8 +300,7 @@ def summed_nll(logits, targets):
     """logits (K, vocab), targets (K,) -> the summed cross-entropy in fp32 or wider (-100: ignored). Under
     --compile one fused pass: eager's log-softmax, its backward, the cast and the zero-filled gradient of the
     gather took 17% of a tiny step."""
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, ignore_index=-100,
-                           reduction="sum")
+    return F.cross_entropy(fp32_or_wider(logits), targets, ignore_index=-100, reduction="sum")
 
 
 def train_step(model, optim, batch, args, device) -> dict:

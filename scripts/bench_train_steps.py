@@ -34,7 +34,7 @@ def interleaved(steps: dict, batches, warmup: int) -> dict:
     """Every batch through every path untimed first, then timed, the paths taking turns to go first. Why: oneDNN
     builds a kernel per matmul shape the first time it meets one, and most batches bring a new length, so a path run
     on shapes another path has already met wins by 10-30% (an earlier version of this script, with eager always
-    first, credited that to --compile). `warmup` more batches are run untimed before that (the compile).
+    first, credited that to --compile). The first `warmup` batches (the compile) are only run untimed.
     -> {path: (seconds of its untimed runs, seconds per timed step, the timed steps' losses)}."""
     t = {p: [0.0, 0.0, []] for p in steps}
     for b in batches:  # the untimed pass: the warm-up batches, then every timed batch once

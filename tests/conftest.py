@@ -32,6 +32,23 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def strict_compile():
+    """torch.compile with its eager fallback off, so a failed compile fails the test (the product's settings are
+    applied first, once per process, then the fallback is switched off for this test and restored after it; not
+    through monkeypatch, whose undo deletes the key from dynamo's config module). Yields a callable: did anything
+    compile since the fixture started?"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import model
+    model.compile_settings()
+    fallback, torch._dynamo.config.suppress_errors = torch._dynamo.config.suppress_errors, False
+    frames = counters["frames"]["ok"]
+    yield lambda: counters["frames"]["ok"] > frames
+    torch._dynamo.config.suppress_errors = fallback
+
+
+@pytest.fixture
 def kill9_after():
     """kill9_after(cmd, env, log_path, step): start a trainer in its own session and SIGKILL the whole group once its
     JSONL log holds a record with "step" >= step (the trainer tests' mid-run crash)."""
