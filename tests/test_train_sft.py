@@ -128,6 +128,21 @@ def test_kill9_and_resume_equals_uninterrupted(tiny_dir, tmp_path, optim, kill9_
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+def test_two_rank_kill9_resumes_on_two_ranks_only(tiny_dir, tmp_path, kill9_after):
+    """Each rank's shards come back to that rank: a 2-rank run killed mid-way and resumed on 2 ranks ends with the
+    weights of an uninterrupted 2-rank run; resuming it on 1 rank is refused in one sentence."""
+    run(sft_cmd(tiny_dir, tmp_path / "full", nproc=2, steps=6))
+    out = tmp_path / "killed"
+    kill9_after(sft_cmd(tiny_dir, out, nproc=2, steps=6), ENV, out / "sft_log.jsonl", 3)
+    assert json.load(open(out / "checkpoint" / "meta.json"))["step"] in (2, 4)
+    r = subprocess.run(sft_cmd(tiny_dir, out, steps=6, extra=["--resume"]), env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0 and "--nproc_per_node 2" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    run(sft_cmd(tiny_dir, out, nproc=2, steps=6, extra=["--resume"]))
+    wa, wb = weights(tmp_path / "full"), weights(out)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
 def test_ema_by_hand():
     """shadow = the weights up to step `start`, then decay * shadow + (1 - decay) * weights; swap exchanges them."""
     from train_sft import EMA
@@ -155,11 +170,9 @@ def test_ema_by_hand():
 def test_published_model_is_the_ema(tiny_dir, tmp_path):
     """With --ema, model/ (and checkpoint/model/) holds the shadows saved in the training state, not the weights;
     resuming a run with a different --ema is refused before anything is loaded."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     out = tmp_path / "r"
     run(sft_cmd(tiny_dir, out, steps=4, extra=["--ema", "0.5"]))
-    dcp_to_torch_save(str(out / "checkpoint" / "state"), str(tmp_path / "state.pt"))
-    state = torch.load(tmp_path / "state.pt")
+    state = torch.load(out / "checkpoint" / "state" / "rank0.pt")  # 1 rank: its shards are the whole tensors
     pub = weights(out)
     moved = 0
     for k, v in state["ema"].items():
