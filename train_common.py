@@ -498,6 +498,17 @@ def check_data(run_dir: str, args, fingerprint: str) -> None:
                              f"fingerprint {was}, now {fingerprint}): restore it, or start a new run with another --out")
 
 
+def missing_state_message(ckpt: str, rank: int) -> str:
+    """Why a checkpoint has no state file for `rank`, and what to do."""
+    state = os.path.join(ckpt, "state")
+    if not os.path.exists(os.path.join(state, ".metadata")):
+        return f"{state_file(ckpt, rank)} is missing: the checkpoint is incomplete; start a new run with another --out"
+    # written by an older cello with torch.distributed.checkpoint; on 1 process its full state is rank 0's shards
+    return (f"{ckpt} was written by an older cello (torch.distributed.checkpoint's format): convert a 1-process run "
+            f"with python -c \"from torch.distributed.checkpoint.format_utils import dcp_to_torch_save as c; "
+            f"c('{state}', '{state_file(ckpt, 0)}')\", or start a new run with another --out")
+
+
 def load_checkpoint(run_dir, model, optim, extra: dict | None = None) -> dict:
     """Restore weights, optimizer state and `extra` {name: sharded tensors} in place; returns meta.json. The
     checkpoint holds one file of shards per rank: it resumes on as many ranks as wrote it."""
@@ -507,11 +518,10 @@ def load_checkpoint(run_dir, model, optim, extra: dict | None = None) -> dict:
     if wrote != world_size():
         raise SystemExit(f"{run_dir} was checkpointed by {wrote} process(es), this run has {world_size()}: resume it "
                          f"with torchrun --nproc_per_node {wrote}" + ("" if wrote > 1 else " or plain python"))
-    if not os.path.exists(state_file(ckpt, dist.get_rank())):
-        raise SystemExit(f"{state_file(ckpt, dist.get_rank())} is missing: the checkpoint is incomplete; start a new "
-                         f"run with another --out")
     msd, osd = get_state_dict(model, optim)  # the optimizer's state is initialised, so every tensor has a target
     target = {"model": msd, "optim": osd, **(extra or {})}
+    if not os.path.exists(state_file(ckpt, dist.get_rank())):
+        raise SystemExit(missing_state_message(ckpt, dist.get_rank()))
     state = restore_tree(target, torch.load(state_file(ckpt, dist.get_rank()), weights_only=True))
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return meta

@@ -143,6 +143,26 @@ def test_two_rank_kill9_resumes_on_two_ranks_only(tiny_dir, tmp_path, kill9_afte
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save without a process group: intended
+def test_older_checkpoint_format_is_refused_with_its_conversion(tiny_dir, tmp_path):
+    """A checkpoint in torch.distributed.checkpoint's layout (older cello) is refused in one sentence that holds the
+    command converting it; after that command the run resumes from it."""
+    import shlex
+
+    import torch.distributed.checkpoint as dcp
+    out = tmp_path / "r"
+    run(sft_cmd(tiny_dir, out, steps=2))
+    state = out / "checkpoint" / "state"
+    dcp.save(torch.load(state / "rank0.pt"), checkpoint_id=str(state), no_dist=True)
+    (state / "rank0.pt").unlink()
+    r = subprocess.run(sft_cmd(tiny_dir, out, steps=2, extra=["--resume"]), env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0 and "older cello" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    convert = shlex.split(r.stderr.split("convert a 1-process run with ")[1].split(", or start")[0])
+    assert convert[0] == "python"
+    subprocess.run([sys.executable, *convert[1:]], env=ENV, check=True)
+    run(sft_cmd(tiny_dir, out, steps=2, extra=["--resume"]))  # loads the converted state
+
+
 def test_ema_by_hand():
     """shadow = the weights up to step `start`, then decay * shadow + (1 - decay) * weights; swap exchanges them."""
     from train_sft import EMA
@@ -501,8 +521,8 @@ def test_ctrl_c_says_how_to_resume(tiny_dir, tmp_path):
 
 def test_ctrl_c_waits_for_the_checkpoint():
     """A SIGINT inside CtrlCDeferred (around every checkpoint write) lets the block finish, then interrupts; the
-    previous handler is back afterwards. Without it torch's checkpoint writer turned the KeyboardInterrupt into a
-    CheckpointException traceback (2 of 12 Ctrl-C runs here)."""
+    previous handler is back afterwards (without it a Ctrl-C half-way through a write printed a traceback instead
+    of the resume hint: 2 of 12 Ctrl-C runs here, when checkpoints were written with torch.distributed.checkpoint)."""
     import train_common
     before, done = signal.getsignal(signal.SIGINT), []
     with pytest.raises(KeyboardInterrupt):
