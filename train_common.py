@@ -321,7 +321,8 @@ def full_state_dict(model) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Run folders and checkpoints: <run>/checkpoint/{model/ (HF layout + cello.json), state/rank<r>.pt (each rank's shards), meta.json}
+# Run folders and checkpoints: <run>/checkpoint/{model/ (HF layout + cello.json), state/rank<r>.pt (rank r's shards),
+# meta.json}
 
 def replace_dir(tmp: str, final: str) -> None:
     """Swap a complete folder `tmp` into `final`: the previous `final` is renamed away first and deleted last, so a
