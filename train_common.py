@@ -431,15 +431,15 @@ def local_tree(tree):
 
 
 def restore_tree(target, saved):
-    """`saved` (a local_tree) copied into `target`'s tensors in place (this rank's shards); other values taken from
-    `saved`. Returns the restored tree."""
+    """`target`'s structure filled from `saved` (a local_tree of the same state): tensors copied into this rank's
+    shards in place, other values taken from `saved`. A key or list that `saved` lacks raises KeyError / ValueError."""
     if isinstance(target, torch.Tensor):
         local(target).copy_(saved)
         return target
     if isinstance(target, dict):
-        return {k: restore_tree(target.get(k), v) for k, v in saved.items()}
-    if isinstance(target, (list, tuple)) and isinstance(saved, (list, tuple)) and len(target) == len(saved):
-        return type(saved)(restore_tree(t, v) for t, v in zip(target, saved))
+        return {k: restore_tree(v, saved[k]) for k, v in target.items()}
+    if isinstance(target, (list, tuple)):
+        return type(target)(restore_tree(t, v) for t, v in zip(target, saved, strict=True))
     return saved
 
 
@@ -523,7 +523,11 @@ def load_checkpoint(run_dir, model, optim, extra: dict | None = None) -> dict:
     target = {"model": msd, "optim": osd, **(extra or {})}
     if not os.path.exists(state_file(ckpt, dist.get_rank())):
         raise SystemExit(missing_state_message(ckpt, dist.get_rank()))
-    state = restore_tree(target, torch.load(state_file(ckpt, dist.get_rank()), weights_only=True))
+    try:
+        state = restore_tree(target, torch.load(state_file(ckpt, dist.get_rank()), weights_only=True))
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"{ckpt} holds another model or optimizer than this run builds (mismatch: {e}): resume with "
+                         f"the flags it was written with (--optim, --model), or start a new run with another --out")
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return meta
 

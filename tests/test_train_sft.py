@@ -163,6 +163,16 @@ def test_older_checkpoint_format_is_refused_with_its_conversion(tiny_dir, tmp_pa
     run(sft_cmd(tiny_dir, out, steps=2, extra=["--resume"]))  # loads the converted state
 
 
+def test_resume_with_another_optimizer_is_refused(tiny_dir, tmp_path):
+    """The saved state restores exactly the model and optimizer the run builds: an AdamW run resumed with --optim
+    muon (other optimizer state and groups) is refused in one sentence naming the flag, not half loaded."""
+    out = tmp_path / "r"
+    run(sft_cmd(tiny_dir, out, steps=2))
+    r = subprocess.run(sft_cmd(tiny_dir, out, steps=2, extra=["--resume", *OPTIMS["muon"]]), env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "--optim" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
 def test_ema_by_hand():
     """shadow = the weights up to step `start`, then decay * shadow + (1 - decay) * weights; swap exchanges them."""
     from train_sft import EMA
