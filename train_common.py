@@ -350,11 +350,13 @@ def write_text(path: str, text: str) -> None:
 class CtrlCDeferred:
     """`with CtrlCDeferred():` a Ctrl-C (SIGINT) during the block is held until the block ends, then raised as
     KeyboardInterrupt. Why: a Ctrl-C half-way through the write would leave a half-written checkpoint.tmp and print a
-    traceback instead of the resume hint. Signals reach only the main thread, so elsewhere this does nothing."""
+    traceback instead of the resume hint. Signals reach only the main thread, so elsewhere this does nothing; nor
+    where SIGINT is not Python's default (a shell's background job starts with it ignored and must stay so)."""
 
     def __enter__(self):
         self.hit, self.old = False, None
-        if threading.current_thread() is threading.main_thread():
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
             self.old = signal.signal(signal.SIGINT, self.hold)
         return self
 

@@ -514,9 +514,15 @@ def test_known_failures_print_one_sentence(tmp_path):
 
 def test_ctrl_c_says_how_to_resume(tiny_dir, tmp_path):
     out = tmp_path / "r"
-    # PYTHONFAULTHANDLER: should the run not stop, a SIGABRT makes it print every thread's stack into the failure
-    p = subprocess.Popen(sft_cmd(tiny_dir, out, steps=400), env={**ENV, "PYTHONFAULTHANDLER": "1"},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (CI scripts, `cmd &`) starts with SIGINT ignored and a child inherits that: the run
+    # would then ignore Ctrl-C, as it should. A handled signal is reset to the default across exec, so the child
+    # starts as under a terminal. PYTHONFAULTHANDLER: should the run not stop, a SIGABRT prints every thread's stack.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        p = subprocess.Popen(sft_cmd(tiny_dir, out, steps=400), env={**ENV, "PYTHONFAULTHANDLER": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, before)
     _wait_for_log(out / "sft_log.jsonl")
     p.send_signal(signal.SIGINT)
     try:
@@ -532,18 +538,27 @@ def test_ctrl_c_says_how_to_resume(tiny_dir, tmp_path):
 def test_ctrl_c_waits_for_the_checkpoint():
     """A SIGINT inside CtrlCDeferred (around every checkpoint write) lets the block finish, then interrupts; the
     previous handler is back afterwards (without it a Ctrl-C half-way through a write printed a traceback instead
-    of the resume hint: 2 of 12 Ctrl-C runs here, when checkpoints were written with torch.distributed.checkpoint)."""
+    of the resume hint: 2 of 12 Ctrl-C runs here, when checkpoints were written with torch.distributed.checkpoint).
+    Where SIGINT is ignored (a shell's background job) it stays ignored, inside the block too."""
     import train_common
-    before, done = signal.getsignal(signal.SIGINT), []
-    with pytest.raises(KeyboardInterrupt):
-        with train_common.CtrlCDeferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)  # the signal is handled here, on the main thread
+    before, done = signal.signal(signal.SIGINT, signal.default_int_handler), []  # as under a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with train_common.CtrlCDeferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)  # the signal is handled here, on the main thread
+                done.append(True)
+        assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with train_common.CtrlCDeferred():  # no signal: nothing raised
             done.append(True)
-    assert done == [True] and signal.getsignal(signal.SIGINT) is before
-    with train_common.CtrlCDeferred():  # no signal: nothing raised
-        done.append(True)
-    assert len(done) == 2
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with train_common.CtrlCDeferred():  # ignored: nothing held, nothing raised afterwards
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            done.append(True)
+        assert done == [True] * 3 and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_file_data_checks_before_step_1(tiny_dir, tmp_path):
