@@ -15,8 +15,8 @@ One step (`grpo_step`), top to bottom:
   4. advantages (`group_advantages`): (r - mean_group) / (std_group + 1e-6), unbiased std as verl, or r - mean_group
      (Dr. GRPO, --no-adv-std-norm); a group whose rewards are all equal gets exactly 0, and is left out of the loss
      with --drop-equal-groups (DAPO's dynamic sampling, without refilling);
-  5. loss per completion token (`token_loss`): -min(ratio A, clip(ratio, 1-low, 1+high) A) [x the truncated importance
-     weight] + kl_coef KL(pi||ref) - entropy_coef H(pi), ratio = pi / pi_old, aggregated over the global mini-batch
+  5. loss per completion token (`token_loss`): -min(ratio A, clip(ratio, 1-low, 1+high) A) + kl_coef KL(pi||ref)
+     - entropy_coef H(pi), ratio = pi / pi_old, aggregated over the global mini-batch
      (`aggregate`); the rollout batch is split into --mini-batches, each one optimizer step, for --ppo-epochs.
 Facts this file implements:
   - trainer log-probs are log_softmax(logits / T) at the sampling temperature (scoring at T = 1 while sampling at
@@ -26,7 +26,7 @@ Facts this file implements:
     first stop id is ever trained on (`trim_at_stop`); the loss mask comes from lengths, never from a pad id;
   - pi_old is the trainer's own log-prob before any update of the step: a no-grad pass when there is more than one
     update per rollout batch, else the detached log-prob of the loss pass itself. Either way the first update's
-    ratio is 1 (on policy); the sampler's log-probs serve only for the logged gap and --tis-cap;
+    ratio is 1 (on policy); the sampler's log-probs serve only for the logged sampler-trainer gap;
   - token-mean / seq-mean / constant normalisers count the *global* mini-batch (all micro-batches, all ranks,
     counted by all_reduce first), and FSDP2's gradient average is undone by x world: 1 micro-batch == k
     micro-batches, 1 rank == N ranks. Mini-batch m holds the groups g with g % M == m, whatever the rank count;
@@ -91,36 +91,28 @@ def group_advantages(rewards: torch.Tensor, std_norm: bool = True, eps: float = 
     return torch.where(equal[:, None], 0.0, adv).float(), equal
 
 
-def policy_loss(logp, old_logp, adv, clip_low: float, clip_high: float, tis=None):
+def policy_loss(logp, old_logp, adv, clip_low: float, clip_high: float):
     """PPO's clipped surrogate per token: -min(ratio A, clip(ratio, 1 - low, 1 + high) A) (DAPO's clip-higher when
-    high > low), times the detached truncated importance weight `tis` when given. -> (loss, ratio, clipped mask)."""
+    high > low). -> (loss, ratio, clipped mask)."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)
-    return (loss if tis is None else loss * tis), ratio.detach(), (clipped > unclipped).detach()
+    return loss, ratio.detach(), (clipped > unclipped).detach()
 
 
-def tis_weights(old_logp, sampler_logp, cap: float):
-    """Truncated importance sampling: min(pi_old / pi_sampler, cap), detached. Corrects for the sampler's numerics
-    differing from the trainer's (bf16 copy, other kernels): 1 where they agree."""
-    return torch.exp(old_logp - sampler_logp).clamp(max=cap).detach()
-
-
-def kl_terms(logp, ref_logp, estimator: str):
-    """Per-token estimate of KL(pi || ref) on tokens sampled from pi. k1 = logp - ref (unbiased, but as a loss its
-    expected gradient is 0); k3 = exp(ref - logp) - (ref - logp) - 1 (>= 0, low variance; verl's low_var_kl, clamped
-    as there; as a loss its expected gradient is that of KL(ref || pi))."""
-    if estimator == "k1":
-        return logp - ref_logp
+def kl_k3(logp, ref_logp):
+    """Per-token estimate of KL(pi || ref) on tokens sampled from pi: k3 = exp(ref - logp) - (ref - logp) - 1 (>= 0,
+    low variance; verl's low_var_kl, clamped as there; as a loss its expected gradient is that of KL(ref || pi)).
+    Not k1 = logp - ref: unbiased as an estimate, but as a loss its expected gradient is 0."""
     d = (ref_logp - logp).clamp(-20, 20)
     return (d.exp() - d - 1).clamp(-10, 10)
 
 
-def token_loss(logp, old_logp, adv, args, ref_logp=None, entropy=None, tis=None):
+def token_loss(logp, old_logp, adv, args, ref_logp=None, entropy=None):
     """The per-token loss of the module docstring. -> (loss, ratio, clipped, kl or None)."""
-    loss, ratio, clipped = policy_loss(logp, old_logp, adv, args.clip_low, args.clip_high, tis)
-    kl = kl_terms(logp, ref_logp, args.kl_estimator) if ref_logp is not None else None
+    loss, ratio, clipped = policy_loss(logp, old_logp, adv, args.clip_low, args.clip_high)
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else None
     if args.kl_coef:
         loss = loss + args.kl_coef * kl
     if args.entropy_coef:
@@ -296,8 +288,7 @@ def minibatch_backward(model, micros: list[Micro], args, n_tokens: float, n_seqs
     for m in micros:
         logp, entropy = micro_logprobs(model, m, args)
         old = m.old if m.old is not None else logp.detach()  # one update per batch: pi_old is the current policy
-        tis = tis_weights(old, m.sampler_lp, args.tis_cap) if args.tis_cap else None
-        per_token, ratio, clipped, kl = token_loss(logp, old, m.adv, args, m.ref, entropy, tis)
+        per_token, ratio, clipped, kl = token_loss(logp, old, m.adv, args, m.ref, entropy)
         loss = aggregate(per_token, m.seq_len, args.loss_agg, n_tokens, n_seqs, constant)
         if poison:  # --inject-nan: a test of the skip logic
             loss = loss * float("nan")
@@ -491,10 +482,7 @@ def parse_args(argv=None):
     a("--clip-low", type=float, default=0.2, help="ratio clip below: 1 - clip_low")
     a("--clip-high", type=float, default=0.2, help="ratio clip above: 1 + clip_high (DAPO clip-higher: > clip-low)")
     a("--kl-coef", type=float, default=None, help="KL(pi||ref) weight in the loss; 0: no reference model at all")
-    a("--kl-estimator", default="k3", choices=["k1", "k3"], help="per-token KL estimate (k3 = verl's low_var_kl)")
     a("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (reference 0)")
-    a("--tis-cap", type=float, default=None, help="truncated importance sampling: weight each token's policy loss by "
-      "min(pi_old / pi_sampler, cap); off by default")
     a("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
     a("--mini-batches", type=int, default=1, help="optimizer steps per pass (the rollout batch split by group)")
     a("--micro-batch", type=int, default=None, help="rollouts per forward per rank, packed into one row (a "
@@ -571,6 +559,33 @@ def weights_finite(model, device) -> bool:
     return bool(all_reduce(torch.tensor([ok], device=device), "MIN").item())
 
 
+def build_policy(args, tok, device, start: int):
+    """-> (the trained model, sharded; its folder; the plain inference copy rollouts use; the frozen reference model,
+    only when --kl-coef > 0; AdamW), restored from the run's checkpoint when resuming at step `start` > 0."""
+    model, model_dir = build_model(args.model, tok, device, args.seed)
+    model.grad_checkpointing = args.grad_checkpointing
+    model.compile_blocks(args.compile)
+    infer = inference_copy(model.config, device, infer_dtype(device, args.precision))
+    ref = None
+    if args.kl_coef > 0:
+        ref = build_model(args.model, tok, device, args.seed)[0].requires_grad_(False).compile_blocks(args.compile)
+        ref = shard(ref, device).eval()
+    shard(model, device)
+    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if start:
+        load_checkpoint(args.out, model, optim)
+    return model, model_dir, infer, ref, optim
+
+
+def step_prompts(stream, step: int, per_step: int, rank: int, world: int, tok, system):
+    """This rank's contiguous share of step `step`'s prompts -> ({global index: puzzle}, [(index, prompt ids,
+    puzzle)]), each puzzle built once."""
+    per_rank = per_step // world
+    first = step * per_step + rank * per_rank
+    puzzles = {i: stream[i] for i in range(first, first + per_rank)}
+    return puzzles, [(i, encode_chat(tok, messages(p, system), True), p) for i, p in puzzles.items()]
+
+
 def main(argv=None):
     args = parse_args(argv)
     held_out = eval_source(args)  # refused before anything is built when it would be the training rows
@@ -587,18 +602,7 @@ def main(argv=None):
     if start:
         check_data(args.out, args, data_hash)
     steps = args.steps or (max(1, int(args.epochs * len(stream)) // args.prompts_per_step) if len(stream) else 100)
-    model, model_dir = build_model(args.model, tok, device, args.seed)
-    model.grad_checkpointing = args.grad_checkpointing
-    model.compile_blocks(args.compile)
-    infer = inference_copy(model.config, device, infer_dtype(device, args.precision))
-    ref = None
-    if args.kl_coef > 0:  # the frozen start model; never built when the KL is off
-        ref = build_model(args.model, tok, device, args.seed)[0].requires_grad_(False).compile_blocks(args.compile)
-        ref = shard(ref, device).eval()
-    shard(model, device)
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if start:
-        load_checkpoint(args.out, model, optim)
+    model, model_dir, infer, ref, optim = build_policy(args, tok, device, start)
     custom = load_reward_fn(args.reward_fn) if args.reward_fn else None
     score = custom or (lambda p, text: reward.score(text, p.answer, args.reward_mode))
     reward_fn = puzzle_reward(tok, args.reward_mode, custom)
@@ -606,7 +610,6 @@ def main(argv=None):
     log = Log(os.path.join(args.out, "rl_log.jsonl"), args.wandb, vars(args))
     eval_set = eval_puzzles(held_out, args.eval_puzzles, args.seed + 1)
     run_eval = Evaluator(model, infer, tok, eval_set, args, log, score, args.log_samples, stream, stops)
-    per_rank = args.prompts_per_step // world
     system = system_turn(args.system)
     card = {"recipe": args.recipe, "system": args.system}
     if rank == 0:
@@ -624,9 +627,7 @@ def main(argv=None):
         lr = lr_at(step, steps, args.lr, args.warmup, args.schedule, args.min_lr_ratio)
         for g in optim.param_groups:
             g["lr"] = lr
-        first = step * args.prompts_per_step + rank * per_rank  # this rank's contiguous share of the step's prompts
-        puzzles = {i: stream[i] for i in range(first, first + per_rank)}  # built once per step
-        mine = [(i, encode_chat(tok, messages(p, system), True), p) for i, p in puzzles.items()]
+        puzzles, mine = step_prompts(stream, step, args.prompts_per_step, rank, world, tok, system)
         rec, rollouts = grpo_step(model, infer, ref, optim, mine, reward_fn, args, step, stops)
         rec = step_record(step, lr, rec, rollouts, puzzles, tok, device)
         note_compiled(rec, args, step == start)
