@@ -847,17 +847,21 @@ class Evaluator:
             stream[PROBE_STEP + i] for i in range(k)]} if k else {}
 
     def __call__(self, step: int):
+        t0 = time.time()
         sync_weights(self.model, self.infer, self.shadow)
         m, texts = evaluate(self.infer, self.tok, self.puzzles, self.args.eval_max_new_tokens, progress=False,
                             system=self.system)
+        t1 = time.time()
         probes = {name: probe(self.infer, ps, self.args, self.tok, self.stops, self.system, self.score)
                   for name, ps in self.probes.items()}
+        seconds = {"eval_s": t1 - t0, "probe_s": time.time() - t1}  # what the evaluation costs the run
         k = self.samples
         pick = list(range(0, len(self.puzzles), max(1, len(self.puzzles) // max(k, 1))))[:k]
         samples = [{"reward": self.score(self.puzzles[i], texts[i]), "answer": self.puzzles[i].answer,
                     "completion": texts[i]} for i in pick]
         lines = "".join(f"\n  probe {name}: exact {p['sampled_exact']:.3f} sampled, {p['best_of_n_exact']:.3f} best "
                         f"of {self.args.n}, {p['equal_groups']:.2f} of groups all-equal" for name, p in probes.items())
-        self.log({"step": step, "eval": m, **({"probe": probes} if probes else {}), "samples": samples},
-                 f"step {step} {eval_line(m)}" + lines
+        self.log({"step": step, "eval": m, **({"probe": probes} if probes else {}), "samples": samples, **seconds},
+                 f"step {step} {eval_line(m)} | {seconds['eval_s']:.0f}s" + (f" + probes {seconds['probe_s']:.0f}s"
+                                                                            if probes else "") + lines
                  + "".join(f"\n  reward {s['reward']:+.2f} | {s['completion'][:160]!r}" for s in samples))

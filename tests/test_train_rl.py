@@ -487,6 +487,7 @@ def test_two_ranks_equal_one_rank(tiny_dir, tmp_path):
         torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=0, msg=k)
     evals = [r for r in log(tmp_path / "r1") if "eval" in r]
     assert len(evals) == 1 and evals[0]["eval"]["count"] > 0 and len(evals[0]["samples"]) == 3
+    assert evals[0]["eval_s"] > 0 and evals[0]["probe_s"] > 0  # what the evaluation cost, logged with it
     for name, p in evals[0]["probe"].items():  # held-out (the 6 eval puzzles) and 12 train prompts, 4 samples each
         assert p["puzzles"] == {"heldout": 6, "train": 12}[name]
         assert 0 <= p["sampled_exact"] <= p["best_of_n_exact"] <= 1 and 0 <= p["equal_groups"] <= 1
