@@ -54,13 +54,24 @@ def train(script: str, sft: str, out: str, seed: int, flags: list[str]) -> None:
 MORE_SFT = "--lr 1e-4 --muon-lr 1e-3 --schedule constant --warmup 0 --curriculum 0 --eval-every 0 --cells all"
 
 
+def weights_stamp(model_dir: str) -> list:
+    """(name, size, mtime in ns) of the model's weight files: changes whenever they are rewritten or copied."""
+    names = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    return [[f, os.stat(os.path.join(model_dir, f)).st_size, os.stat(os.path.join(model_dir, f)).st_mtime_ns]
+            for f in names]
+
+
 def score(model_dir: str, sets: list, cache: str, max_new_tokens: int) -> list[dict]:
-    """metrics() of the model on each held-out set, cached in `cache` (a JSON list)."""
+    """metrics() of the model on each held-out set, cached in `cache` with the weights' stamp: a model trained on
+    (a resumed, longer run) or copied in is scored again, never reported with its predecessor's numbers."""
+    stamp = weights_stamp(model_dir)
     if os.path.exists(cache):
-        return json.load(open(cache))
+        saved = json.load(open(cache))
+        if isinstance(saved, dict) and saved.get("weights") == stamp:
+            return saved["sets"]
     from pipeline import decode_model
     res = [decode_model(model_dir, puzzles, max_new_tokens)[0] for puzzles in sets]
-    write_json(cache, res)
+    write_json(cache, {"weights": stamp, "sets": res})
     return res
 
 

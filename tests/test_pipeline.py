@@ -2,6 +2,7 @@
 parses; a run killed mid-way and started again resumes without redoing finished work; other flags are refused."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,13 @@ def test_compare_runs_at_toy_size(tmp_path):
     stamp = (tmp_path / "seed3" / "rl" / "heldout_2x1.json").stat().st_mtime_ns
     run(c)
     assert (tmp_path / "seed3" / "rl" / "heldout_2x1.json").stat().st_mtime_ns == stamp  # cached
+    # new weights under the same folder (a run trained on, a copy) are scored again: here the SFT model's weights,
+    # so greedy decoding must give the SFT model's scores exactly
+    shutil.copy(tmp_path / "seed3" / "sft" / "model" / "model.safetensors", tmp_path / "seed3" / "rl" / "model")
+    run(c)
+    assert (tmp_path / "seed3" / "rl" / "heldout_2x1.json").stat().st_mtime_ns != stamp  # rescored
+    models = json.load(open(tmp_path / "cmp" / "runs.json"))["scores"]["seed3"]
+    assert models["SFT + GRPO"] == models["SFT"]
 
 
 def test_toy_pipeline_on_a_data_folder(tmp_path):
