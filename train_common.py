@@ -434,8 +434,12 @@ def local_tree(tree):
 
 def restore_tree(target, saved):
     """`target`'s structure filled from `saved` (a local_tree of the same state): tensors copied into this rank's
-    shards in place, other values taken from `saved`. A key or list that `saved` lacks raises KeyError / ValueError."""
+    shards in place, other values taken from `saved`. A key or list that `saved` lacks, or a tensor of another shape,
+    raises KeyError / ValueError."""
     if isinstance(target, torch.Tensor):
+        if not isinstance(saved, torch.Tensor) or saved.shape != local(target).shape:  # copy_ would broadcast or fail
+            raise ValueError(f"{getattr(saved, 'shape', type(saved).__name__)} for a tensor of shape "
+                             f"{tuple(local(target).shape)}")
         local(target).copy_(saved)
         return target
     if isinstance(target, dict):
@@ -855,6 +859,7 @@ class Evaluator:
         probes = {name: probe(self.infer, ps, self.args, self.tok, self.stops, self.system, self.score)
                   for name, ps in self.probes.items()}
         seconds = {"eval_s": t1 - t0, "probe_s": time.time() - t1}  # what the evaluation costs the run
+        cost = f" | {seconds['eval_s']:.0f}s" + (f" + probes {seconds['probe_s']:.0f}s" if probes else "")
         k = self.samples
         pick = list(range(0, len(self.puzzles), max(1, len(self.puzzles) // max(k, 1))))[:k]
         samples = [{"reward": self.score(self.puzzles[i], texts[i]), "answer": self.puzzles[i].answer,
@@ -862,6 +867,5 @@ class Evaluator:
         lines = "".join(f"\n  probe {name}: exact {p['sampled_exact']:.3f} sampled, {p['best_of_n_exact']:.3f} best "
                         f"of {self.args.n}, {p['equal_groups']:.2f} of groups all-equal" for name, p in probes.items())
         self.log({"step": step, "eval": m, **({"probe": probes} if probes else {}), "samples": samples, **seconds},
-                 f"step {step} {eval_line(m)} | {seconds['eval_s']:.0f}s" + (f" + probes {seconds['probe_s']:.0f}s"
-                                                                            if probes else "") + lines
+                 f"step {step} {eval_line(m)}{cost}" + lines
                  + "".join(f"\n  reward {s['reward']:+.2f} | {s['completion'][:160]!r}" for s in samples))

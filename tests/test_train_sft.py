@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import data
-from model import Transformer, load_tokenizer
+from model import ModelConfig, Transformer, load_tokenizer
 from train_sft import pack, summed_nll, tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,14 +163,20 @@ def test_older_checkpoint_format_is_refused_with_its_conversion(tiny_dir, tmp_pa
     run(sft_cmd(tiny_dir, out, steps=2, extra=["--resume"]))  # loads the converted state
 
 
-def test_resume_with_another_optimizer_is_refused(tiny_dir, tmp_path):
+def test_resume_with_another_optimizer_or_model_is_refused(tiny_dir, tmp_path):
     """The saved state restores exactly the model and optimizer the run builds: an AdamW run resumed with --optim
-    muon (other optimizer state and groups) is refused in one sentence naming the flag, not half loaded."""
+    muon (other optimizer state and groups), or with a --model of another shape, is refused in one sentence naming
+    the flags, not half loaded."""
     out = tmp_path / "r"
     run(sft_cmd(tiny_dir, out, steps=2))
     r = subprocess.run(sft_cmd(tiny_dir, out, steps=2, extra=["--resume", *OPTIMS["muon"]]), env=ENV,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "--optim" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    wider = tmp_path / "wider"  # the tiny model with a wider MLP: the same names, other shapes
+    cfg = {**json.load(open(os.path.join(tiny_dir, "config.json"))), "intermediate_size": 192}
+    Transformer(ModelConfig.from_dict(cfg)).init_weights().save_pretrained(str(wider), tokenizer_dir=tiny_dir)
+    r = subprocess.run(sft_cmd(str(wider), out, steps=2, extra=["--resume"]), env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0 and "--model" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def test_ema_by_hand():
