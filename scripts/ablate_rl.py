@@ -56,9 +56,9 @@ MORE_SFT = "--lr 1e-4 --muon-lr 1e-3 --schedule constant --warmup 0 --curriculum
 
 def weights_stamp(model_dir: str) -> list:
     """(name, size, mtime in ns) of the model's weight files: changes whenever they are rewritten or copied."""
-    names = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    return [[f, os.stat(os.path.join(model_dir, f)).st_size, os.stat(os.path.join(model_dir, f)).st_mtime_ns]
-            for f in names]
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    stats = [os.stat(os.path.join(model_dir, f)) for f in files]
+    return [[f, st.st_size, st.st_mtime_ns] for f, st in zip(files, stats)]
 
 
 def score(model_dir: str, sets: list, cache: str, max_new_tokens: int) -> list[dict]:
